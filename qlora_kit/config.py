@@ -1,0 +1,256 @@
+"""Run configuration: typed dataclasses with help text, and `parse(argv)`.
+
+Field names follow transformers' TrainingArguments and TRL where one exists. `parse` reads an
+optional `--config YAML` (a flat mapping of field: value), then the command-line flags, which win.
+YAML values are turned into command-line tokens, so both go through the same type checks of
+transformers' `HfArgumentParser`. Every problem is a `UserError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from transformers import HfArgumentParser
+
+from qlora_kit.errors import UserError
+
+DTypeChoice = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    """A dataclass field with help text for `--help`."""
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelArguments:
+    """Which base model, and how it is quantized."""
+
+    _argument_group_name = "model"
+
+    model_name_or_path: str = _help(
+        "Base model: a local Hugging Face folder, a hub id, or the built-in 'smollm2-135m-instruct'.",
+        default="smollm2-135m-instruct",
+    )
+    trust_remote_code: bool = _help("Allow the model's own Python code from its folder or the hub.", default=False)
+    bnb_4bit_compute_dtype: DTypeChoice = _help(
+        "Dtype of the NF4 matmuls and the unquantized layers. auto: bfloat16 on GPUs that have it, "
+        "float16 on older GPUs, float32 on CPU (bf16 matmuls are several times slower there).",
+        default="auto",
+    )
+    bnb_4bit_use_double_quant: bool = _help("Quantize the NF4 block scales too (saves ~0.37 bits/param).", default=True)
+    attn_implementation: str = _help("Attention kernel: sdpa, eager, flash_attention_2.", default="sdpa")
+
+
+@dataclass
+class LoraArguments:
+    """The LoRA adapters."""
+
+    _argument_group_name = "lora"
+
+    lora_r: int = _help("LoRA rank r.", default=16)
+    lora_alpha: float = _help("LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).", default=32)
+    lora_dropout: float = _help("Dropout on the LoRA input.", default=0.05)
+    lora_target_modules: str = _help(
+        "'all': every attention and MLP projection, found from the model's own modules. Or a "
+        "comma-separated list of module names, e.g. 'q_proj,v_proj'; lm_head and the embeddings "
+        "are adapted only when named here.",
+        default="all",
+    )
+    use_rslora: bool = _help("Rank-stabilised LoRA: scale by alpha/sqrt(r).", default=False)
+    use_dora: bool = _help("Weight-decomposed LoRA (DoRA).", default=False)
+    lora_dtype: DTypeChoice = _help(
+        "Dtype of the LoRA weights. auto: bfloat16 on GPUs that have it, else float32.", default="auto"
+    )
+
+
+@dataclass
+class DataArguments:
+    """The training data."""
+
+    _argument_group_name = "data"
+
+    dataset_name: str = _help(
+        "Training data: a .jsonl/.json file of chat records, or the built-in 'chatterbot-en'.",
+        default="chatterbot-en",
+    )
+    max_seq_length: int = _help("Longest sequence in tokens; longer conversations are truncated.", default=512)
+    eval_fraction: float = _help("Share of the data held out for the eval loss (0 for none).", default=0.05)
+    assistant_only_loss: bool = _help("Train on assistant tokens only (false: on all tokens).", default=True)
+
+
+@dataclass
+class TrainArguments:
+    """The optimisation and the output folder."""
+
+    _argument_group_name = "training"
+
+    output_dir: str = _help("Folder for the adapter, tokenizer, metrics and checkpoints.", default="runs/chat")
+    overwrite_output_dir: bool = _help("Replace an output folder that holds an earlier run.", default=False)
+    resume_from_checkpoint: Optional[str] = _help(
+        "Continue a run: 'latest' (the newest checkpoint in output_dir) or a checkpoint folder.", default=None
+    )
+    num_train_epochs: float = _help("Passes over the training data (ignored when max_steps > 0).", default=1.0)
+    max_steps: int = _help("Optimizer steps to run; -1 runs num_train_epochs.", default=-1)
+    per_device_train_batch_size: int = _help("Sequences per micro-batch.", default=8)
+    per_device_eval_batch_size: int = _help("Sequences per eval batch.", default=8)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
+    learning_rate: float = _help("Peak learning rate.", default=2e-4)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    warmup_ratio: float = _help("Share of the steps spent warming the learning rate up.", default=0.03)
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = _help("Learning-rate schedule.", default="cosine")
+    max_grad_norm: float = _help("Clip the gradient norm to this (0 to switch off).", default=0.3)
+    optim: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"] = _help(
+        "Optimizer. The paged ones move their state to host RAM under memory pressure (CUDA only).",
+        default="paged_adamw_8bit",
+    )
+    gradient_checkpointing: bool = _help("Recompute activations in backward instead of keeping them.", default=True)
+    seed: int = _help("Seed for LoRA init, data order and dropout.", default=42)
+    logging_steps: int = _help("Log the training loss every N optimizer steps.", default=10)
+    eval_steps: int = _help("Compute the eval loss every N optimizer steps (0: only at the end).", default=50)
+    save_steps: int = _help("Save a checkpoint every N optimizer steps (0: only at the end).", default=100)
+
+
+ARGUMENT_CLASSES = (ModelArguments, LoraArguments, DataArguments, TrainArguments)
+
+
+@dataclass
+class RunConfig:
+    """Every field of a run, grouped."""
+
+    model: ModelArguments
+    lora: LoraArguments
+    data: DataArguments
+    train: TrainArguments
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields in one flat mapping, as a --config YAML holds them."""
+        flat: dict[str, Any] = {}
+        for group in (self.model, self.lora, self.data, self.train):
+            flat.update(dataclasses.asdict(group))
+        return flat
+
+
+def field_names() -> set[str]:
+    """Names of every field a YAML or a flag may set."""
+    return {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
+
+
+class _Parser(HfArgumentParser):
+    """HfArgumentParser whose errors are a `UserError` (one line, exit 2) instead of usage text."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message} (see --help for every field)")
+
+
+def build_parser() -> HfArgumentParser:
+    parser = _Parser(
+        ARGUMENT_CLASSES,
+        prog="python -m qlora_kit.recipes.chat",
+        allow_abbrev=False,
+        description="QLoRA fine-tuning of a chat model. Flags override the fields of --config YAML.",
+    )
+    parser.add_argument("--config", default=None, help="A YAML file of field: value pairs (see recipes/chat/).")
+    return parser
+
+
+def _split_config_flag(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    """Take `--config PATH` (or `--config=PATH`) out of argv."""
+    rest: list[str] = []
+    config_path = None
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--config":
+            if i + 1 >= len(argv):
+                raise UserError("--config needs a YAML file path")
+            config_path, i = argv[i + 1], i + 2
+            continue
+        if token.startswith("--config="):
+            config_path = token.split("=", 1)[1]
+        else:
+            rest.append(token)
+        i += 1
+    return config_path, rest
+
+
+def read_yaml_config(path: str) -> dict[str, Any]:
+    """Read a flat YAML mapping of fields; refuse unknown fields, naming them and the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must be a mapping of field: value")
+    unknown = sorted(set(values) - field_names())
+    if unknown:
+        raise UserError(f"unknown field(s) in {path}: {', '.join(unknown)} (see --help for every field)")
+    return values
+
+
+def _as_tokens(values: dict[str, Any]) -> list[str]:
+    """Turn YAML values into command-line tokens, so argparse checks their types the same way."""
+    tokens: list[str] = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        items = value if isinstance(value, list) else [value]
+        tokens.append(f"--{name}")
+        tokens.extend(str(item).lower() if isinstance(item, bool) else str(item) for item in items)
+    return tokens
+
+
+def parse(argv: Optional[list[str]] = None) -> RunConfig:
+    """Parse `--config YAML` and flags into a validated `RunConfig`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path, argv = _split_config_flag(argv)
+    values = read_yaml_config(config_path) if config_path else {}
+    parser = build_parser()
+    parser.set_defaults(**{name: None for name, value in values.items() if value is None})
+    *groups, unknown = parser.parse_args_into_dataclasses(
+        args=_as_tokens(values) + argv, look_for_args_file=False, return_remaining_strings=True
+    )
+    if unknown:
+        raise UserError(f"unknown argument(s): {' '.join(unknown)} (see --help for every field)")
+    config = RunConfig(*groups[: len(ARGUMENT_CLASSES)])
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Refuse values that cannot work, naming the field."""
+    checks = [
+        (config.lora.lora_r > 0, f"--lora_r must be a positive integer, got {config.lora.lora_r}"),
+        (config.lora.lora_alpha > 0, f"--lora_alpha must be positive, got {config.lora.lora_alpha}"),
+        (0 <= config.lora.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {config.lora.lora_dropout}"),
+        (config.data.max_seq_length > 1, f"--max_seq_length must be at least 2, got {config.data.max_seq_length}"),
+        (0 <= config.data.eval_fraction < 1, f"--eval_fraction must be in [0, 1), got {config.data.eval_fraction}"),
+        (config.train.learning_rate > 0, f"--learning_rate must be positive, got {config.train.learning_rate}"),
+        (config.train.per_device_train_batch_size > 0, "--per_device_train_batch_size must be at least 1"),
+        (config.train.per_device_eval_batch_size > 0, "--per_device_eval_batch_size must be at least 1"),
+        (config.train.gradient_accumulation_steps > 0, "--gradient_accumulation_steps must be at least 1"),
+        (config.train.max_steps > 0 or config.train.num_train_epochs > 0,
+         "set --max_steps or --num_train_epochs to a positive number"),
+        (0 <= config.train.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1), got {config.train.warmup_ratio}"),
+        (config.train.max_grad_norm >= 0, "--max_grad_norm must be 0 (off) or positive"),
+        (config.train.logging_steps > 0, "--logging_steps must be at least 1"),
+        (config.train.eval_steps >= 0, "--eval_steps must be 0 (only at the end) or positive"),
+        (config.train.save_steps >= 0, "--save_steps must be 0 (only at the end) or positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def write_run_config(config: RunConfig, path: Path, resolved: dict[str, Any]) -> None:
+    """Write every field, plus what was resolved from them (model folder, dtypes), as YAML."""
+    document = {**config.to_dict(), "resolved": resolved}
+    path.write_text(yaml.safe_dump(document, sort_keys=False))

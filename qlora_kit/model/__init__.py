@@ -1,0 +1,1 @@
+"""Loading the quantized base model, finding its projections, and adding LoRA adapters."""

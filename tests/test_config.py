@@ -1,0 +1,62 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qlora_kit.config import field_names, parse
+from qlora_kit.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+def test_defaults_are_the_demo_model_and_data():
+    config = parse([])
+    assert config.model.model_name_or_path == "smollm2-135m-instruct"
+    assert config.data.dataset_name == "chatterbot-en"
+
+
+def test_flags_override_the_yaml(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text("lora_r: 32\nlearning_rate: 1.0e-4\nuse_dora: true\n")
+    config = parse(["--config", str(file), "--lora_r", "8"])
+    assert config.lora.lora_r == 8 and config.train.learning_rate == 1e-4 and config.lora.use_dora
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_every_preset_parses_and_starts_with_its_command(preset):
+    first_line = preset.read_text().splitlines()[0]
+    assert first_line.startswith("# python -m qlora_kit.recipes.chat --config recipes/")
+    assert str(preset.relative_to(ROOT)) in first_line
+    config = parse(["--config", str(preset)])
+    assert set(yaml.safe_load(preset.read_text())) <= field_names()
+    assert config.lora.lora_r > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lora_r", "0"], "lora_r must be a positive integer"),
+    (["--lora_r", "-3"], "lora_r must be a positive integer"),
+    (["--lora_r", "many"], "invalid int value"),
+    (["--learning_rat", "1e-4"], "unknown argument"),
+    (["--optim", "sgd"], "invalid choice"),
+])
+def test_bad_flags_name_the_problem(argv, message):
+    with pytest.raises(UserError, match=message):
+        parse(argv)
+
+
+def test_unknown_yaml_field_names_the_field_and_file(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text("lora_rank: 8\n")
+    with pytest.raises(UserError, match=r"unknown field\(s\) in .*run.yaml: lora_rank"):
+        parse(["--config", str(file)])
+
+
+def test_help_lists_every_field_with_help():
+    result = subprocess.run([sys.executable, "-m", "qlora_kit.recipes.chat", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for name in field_names():
+        assert f"--{name}" in result.stdout
+    assert "LoRA rank r." in result.stdout

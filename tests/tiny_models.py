@@ -1,0 +1,61 @@
+"""Tiny random decoder models of several architectures, built in code, for unit tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 128, 2, 4, 2, 512
+
+# Architecture -> (config class, config overrides)
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16}),
+    "phi3": ("Phi3Config", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    "gpt2": ("GPT2Config", {}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 2, "num_experts_per_tok": 1}),
+}
+
+# The projections each architecture must yield, relative to a decoder block.
+EXPECTED_PROJECTIONS = {
+    "llama": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    "phi3": ["self_attn.o_proj", "self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"],
+    "gpt2": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+}
+for name in ("mistral", "qwen2", "qwen3", "gemma2", "gemma3"):
+    EXPECTED_PROJECTIONS[name] = EXPECTED_PROJECTIONS["llama"]
+
+
+def tiny_config(architecture: str = "llama", **overrides):
+    class_name, extra = ARCHITECTURES[architecture]
+    config_class = getattr(transformers, class_name)
+    if architecture == "gpt2":
+        values = dict(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTERMEDIATE, vocab_size=VOCAB,
+                      n_positions=256)
+    else:
+        values = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, vocab_size=VOCAB,
+                      max_position_embeddings=256)
+    values.update(extra)
+    values.update(overrides)
+    return config_class(**values)
+
+
+def tiny_model(architecture: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(architecture, **overrides))
+    return model.eval()
+
+
+def save_tiny_model(folder: Path, architecture: str = "llama", dtype=torch.bfloat16, seed: int = 0, **overrides) -> Path:
+    """Write a tiny random model as an HF folder (safetensors) and return the folder."""
+    model = tiny_model(architecture, seed, **overrides).to(dtype)
+    model.save_pretrained(folder)
+    return folder
