@@ -41,3 +41,8 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         labels[row, :n] = torch.tensor(example["labels"])
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of a batch that the model's forward takes (everything but the labels)."""
+    return {key: value for key, value in batch.items() if key != "labels"}

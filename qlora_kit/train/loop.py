@@ -24,7 +24,7 @@ from qlora_kit.config import TrainArguments
 from qlora_kit.data.batches import collate, epoch_batches
 from qlora_kit.log import logger
 from qlora_kit.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from qlora_kit.train.loss import count_trained_tokens, token_loss_sum
+from qlora_kit.train.loss import batch_loss_sum, count_trained_tokens
 from qlora_kit.train.metrics import MetricsLog
 from qlora_kit.train.optim import build_optimizer, build_scheduler
 
@@ -70,8 +70,7 @@ def evaluate(model, dataset: Dataset, batch_size: int, pad_id: int, device: torc
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum += token_loss_sum(logits, batch["labels"])
+        loss_sum += batch_loss_sum(model, batch)
         tokens += int(count_trained_tokens(batch["labels"]))
     model.train()
     return loss_sum.item() / max(tokens, 1)
@@ -114,8 +113,7 @@ def train(
             batch = {k: v.to(device) for k, v in batch.items()}
             last = i == len(step.micro_batches) - 1
             with nullcontext() if last else accelerator.no_sync(model):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss_sum = token_loss_sum(logits, batch["labels"])
+                loss_sum = batch_loss_sum(model, batch)
                 accelerator.backward(loss_sum / max(step_trained, 1))
             window_loss += loss_sum.detach()
         grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)

@@ -1,10 +1,14 @@
-"""The causal-LM loss as a sum over trained tokens, so micro-batches can be weighted by token count."""
+"""The causal-LM loss as a sum over trained tokens, so micro-batches can be weighted by token count.
+
+`batch_loss_sum(model, batch)` is the one place the training loop and the eval call the model.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from qlora_kit.data.batches import model_inputs
 from qlora_kit.data.tokenize import IGNORE_INDEX
 
 
@@ -22,3 +26,9 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     targets = shifted_labels(labels).reshape(-1)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum",
                            ignore_index=IGNORE_INDEX)
+
+
+def batch_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Run the model on a batch and return its summed token loss."""
+    logits = model(**model_inputs(batch)).logits
+    return token_loss_sum(logits, batch["labels"])
