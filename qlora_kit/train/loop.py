@@ -150,6 +150,7 @@ def train(
         state = resume_training(resume_dir, run_dir, accelerator.unwrap_model(model), optimizer, scheduler, args)
         guard.load_state_dict(state.nonfinite)
     window = LogWindow(device, state.log_window)
+    stop = StopSignals(newest_checkpoint=resume_dir)
     model.train()
 
     def checkpoint() -> Path:
@@ -163,8 +164,8 @@ def train(
         return path
 
     batches = step_batches(train_dataset, args, pad_id, state.data)
-    with StopSignals() as stop, tqdm(total=total_steps, initial=state.step, desc="training",
-                                     disable=not accelerator.is_main_process) as bar:
+    with stop, tqdm(total=total_steps, initial=state.step, desc="training",
+                    disable=not accelerator.is_main_process) as bar:
         while state.step < total_steps:
             step = next(batches)
             step_trained = int(sum(count_trained_tokens(b["labels"]) for b in step.micro_batches))
@@ -223,7 +224,7 @@ def train(
             if guard.tripped:
                 saved = saved or checkpoint()
                 raise UserError(nonfinite_stop_message(guard.last, args.max_nonfinite_steps, state.step, str(saved)))
-            if stop.received:
+            if stop.received and not at_end:
                 bar.close()
                 logger.warning(stop.stop_message(state.step, saved))
                 raise TrainingStopped(stop.received, state.step, saved)

@@ -36,9 +36,9 @@ class TrainingStopped(SystemExit):
 class StopSignals:
     """Context manager: while active, SIGINT/SIGTERM request a clean stop; a second one exits at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, newest_checkpoint: Optional[Path] = None) -> None:
         self.received: Optional[int] = None
-        self.newest_checkpoint: Optional[Path] = None
+        self.newest_checkpoint = newest_checkpoint  # named by the message of a second signal
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":

@@ -1,4 +1,6 @@
-"""Is resuming exact here? Train N steps straight through, and again from the checkpoint at step k; compare.
+"""Checks and measurements of the crash-safety machinery: is resuming exact here, and what does safety cost.
+
+Is resuming exact? Train N steps straight through, and again from the checkpoint at step k; compare.
 
 A random-weight Llama built from a config (no weights to download or carry) is quantized to NF4
 and trained with LoRA (dropout on, gradient checkpointing on) on synthetic tokens, through the
@@ -8,7 +10,10 @@ resumed from A's step-k checkpoint. The report gives, for C against A and B agai
 the per-step losses, the final adapter and the optimizer state are bit-identical, and the
 largest differences where they are not.
 
-`tools/check_exact_resume.py` runs it from the command line.
+`measure_costs` times the non-finite guard (steps with it on against off, in the same process)
+and a checkpoint's write and validation.
+
+`tools/check_exact_resume.py` and `tools/bench_checkpoint.py` run them from the command line.
 """
 
 from __future__ import annotations
@@ -134,6 +139,34 @@ def paged_state_roundtrip(device: torch.device) -> Optional[dict[str, bool]]:
     }
 
 
+def guard_sync_check(device: torch.device) -> Optional[str]:
+    """On CUDA: run the guard's per-step work with CUDA's sync debug mode set to error; 'none' if nothing synced."""
+    if device.type != "cuda":
+        return None
+    import bitsandbytes as bnb
+
+    from qlora_kit.train.guard import NonfiniteGuard
+    from qlora_kit.train.loop import LogWindow
+
+    parameter = torch.nn.Parameter(torch.randn(4096, device=device))
+    guard = NonfiniteGuard(bnb.optim.PagedAdamW8bit([parameter]), 3, device)
+    window = LogWindow(device, {})
+    loss, grad_norm = torch.tensor(float("nan"), device=device), torch.tensor(1.0, device=device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        applied = guard.check(loss, grad_norm)
+        saved = parameter.detach().clone()
+        torch.where(applied, parameter.data, saved, out=parameter.data)  # what the wrapped update_step does
+        guard.after_step(1)
+        window.add(loss, 10, 12, applied)
+        return "none"
+    except RuntimeError as error:
+        return str(error)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def check_exact_resume(work: Path, size: str = "tiny", steps: int = 6, stop_at: int = 3,
                        optim: str = "paged_adamw_8bit", device: Optional[torch.device] = None,
                        batch_size: int = 4, max_length: int = 64, noise_floor: bool = True,
@@ -163,5 +196,59 @@ def check_exact_resume(work: Path, size: str = "tiny", steps: int = 6, stop_at: 
         "resumed_vs_straight": compare_runs(run_a, run_c, steps),
         "straight_vs_straight": compare_runs(run_a, run_b, steps) if noise_floor else None,
         "paged_state_roundtrip": paged_state_roundtrip(device),
+        "guard_device_syncs": guard_sync_check(device),
         "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def measure_costs(work: Path, model_dir: Path, device: torch.device, steps: int = 10, optim: str = "paged_adamw_8bit",
+                  batch_size: int = 4, max_length: int = 64, repeats: int = 2) -> dict[str, Any]:
+    """Seconds per step with the non-finite guard on and off (alternating runs), and a checkpoint's I/O.
+
+    Step times come from the loop's own logged throughput over all `steps` (setup and the final
+    checkpoint are outside it); the fastest of `repeats` runs counts.
+    """
+    from qlora_kit.train.checkpoint import TrainState, checkpoint_bytes, save_checkpoint, validate_checkpoint
+    from qlora_kit.train.loop import train
+    from qlora_kit.train.optim import build_optimizer, build_scheduler
+
+    set_seed(0)
+    compute_dtype = choose_compute_dtype("auto", device)
+    model = load_quantized_model(model_dir, ModelArguments(model_name_or_path=str(model_dir)), compute_dtype, device)
+    enable_gradient_checkpointing(model)
+    model = add_lora(model, LoraArguments(lora_r=16, lora_alpha=32), choose_lora_dtype("auto", compute_dtype))
+    vocab = model.get_input_embeddings().num_embeddings
+    dataset = synthetic_dataset(steps * batch_size, max_length, vocab)
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    seconds: dict[str, list[float]] = {"on": [], "off": []}
+    for index in range(2 * repeats + 1):  # the first run warms up and is not counted
+        guard = "on" if index % 2 else "off"
+        args = TrainArguments(output_dir=str(work / f"run-{index}"), max_steps=steps, per_device_train_batch_size=batch_size,
+                              logging_steps=steps, save_steps=steps + 1, optim=optim,
+                              max_nonfinite_steps=5 if guard == "on" else 0)
+        Path(args.output_dir).mkdir(parents=True)
+        state = train(model, dataset, None, args, accelerator, Path(args.output_dir), PAD_ID)
+        throughput = MetricsLog(Path(args.output_dir) / "metrics.jsonl").rows()[-1]["tokens_per_second"]
+        if index:  # the loop's own timing of its steps, without setup and the final checkpoint
+            seconds[guard].append(state.tokens_seen / throughput / steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    args = TrainArguments(optim=optim)
+    optimizer = build_optimizer(trainable, args, device)
+    for parameter in trainable:
+        parameter.grad = torch.ones_like(parameter)
+    optimizer.step()
+    started = time.perf_counter()
+    folder = save_checkpoint(work / "io", model, optimizer, build_scheduler(optimizer, args, 10), TrainState(step=1))
+    write_s = time.perf_counter() - started
+    started = time.perf_counter()
+    validate_checkpoint(folder)
+    validate_s = time.perf_counter() - started
+    on, off = min(seconds["on"]), min(seconds["off"])
+    return {
+        "step_seconds_guard_off": round(off, 4), "step_seconds_guard_on": round(on, 4),
+        "guard_time_ratio": round(on / off, 3),
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "checkpoint_bytes": sum(p.stat().st_size for p in folder.iterdir()),
+        "checkpoint_bytes_estimate": checkpoint_bytes(model, optim),
+        "checkpoint_write_seconds": round(write_s, 3), "checkpoint_validate_seconds": round(validate_s, 3),
     }
