@@ -10,6 +10,7 @@ How a step is undone depends on the optimizer:
 - bitsandbytes' optimizers update one parameter at a time through `update_step`; the guard wraps
   that method, copies the parameter and its state before the update and puts them back with
   `torch.where(apply, new, old)` after it, so at most one parameter's state is copied at a time.
+  Paged states are CPU-typed tensors over CUDA managed memory; the guard works on a CUDA view.
   bitsandbytes counts steps in a Python int per parameter, which the device cannot undo; the
   guard subtracts the skipped steps when it reads its counters. Until then (at most
   `logging_steps - 1` steps) Adam's bias correction runs one step ahead per skipped step.
@@ -28,6 +29,27 @@ from typing import Any
 import torch
 
 QUANTIZATION_MAPS = ("qmap1", "qmap2")  # bitsandbytes' constant code books, shared between parameters
+
+
+class _CudaArray:
+    """A CUDA array interface over a raw device pointer, for `torch.as_tensor`."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.__cuda_array_interface__ = {
+            "shape": tuple(tensor.shape), "typestr": torch.empty(0, dtype=tensor.dtype).numpy().dtype.str,
+            "data": (tensor.data_ptr(), False), "version": 2, "strides": None,
+        }
+
+
+def on_device(tensor: torch.Tensor) -> torch.Tensor:
+    """A CUDA view of a bitsandbytes paged buffer (a CPU tensor over CUDA managed memory); other tensors as they are.
+
+    Through the view, the guard's copies and `torch.where` run on the GPU, where the update ran,
+    instead of pulling the pages to the host.
+    """
+    if not getattr(tensor, "is_paged", False):
+        return tensor
+    return torch.as_tensor(_CudaArray(tensor), device=torch.device("cuda", tensor.page_deviceid))
 
 
 @dataclass
@@ -72,9 +94,9 @@ class NonfiniteGuard:
         def guarded_update_step(group, p, gindex, pindex):
             state = optimizer.state[p]
             keys = [k for k, v in state.items() if torch.is_tensor(v) and k not in QUANTIZATION_MAPS]
-            saved = [p.detach().clone()] + [state[k].clone() for k in keys]
+            saved = [p.detach().clone()] + [on_device(state[k]).clone() for k in keys]
             original(group, p, gindex, pindex)
-            for tensor, old in zip([p.data] + [state[k] for k in keys], saved):
+            for tensor, old in zip([p.data] + [on_device(state[k]) for k in keys], saved):
                 torch.where(self.apply, tensor, old, out=tensor)
 
         optimizer.update_step = guarded_update_step

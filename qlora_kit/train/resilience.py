@@ -41,9 +41,12 @@ from qlora_kit.train.metrics import MetricsLog
 SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512),
-    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+    "small": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4, vocab_size=4096),
 }
+# LoRA rank per size: at r=64 the MLP adapters of "small" reach 131k values, above the 1e5 from which
+# bitsandbytes pages an optimizer state, so the paged path is exercised.
+LORA_RANK = {"tiny": 8, "small": 64}
 PAD_ID = 0
 
 
@@ -111,31 +114,40 @@ def compare_runs(first: Path, second: Path, step: int) -> dict[str, Any]:
 
 
 def paged_state_roundtrip(device: torch.device) -> Optional[dict[str, bool]]:
-    """On CUDA: does a paged 8-bit optimizer's state stay paged, and bit-identical, through save and load?"""
+    """On CUDA: does a paged 8-bit optimizer's state stay paged, and bit-identical, through save and load,
+    and does the non-finite guard leave it (and the weights) untouched on a NaN step?"""
     if device.type != "cuda":
         return None
     import tempfile
 
     import bitsandbytes as bnb
 
+    from qlora_kit.train.guard import NonfiniteGuard
     from qlora_kit.train.state_io import load_optimizer, save_optimizer
 
-    def optimizer_for(parameter):
-        return bnb.optim.PagedAdamW8bit([parameter], lr=1e-3)
-
-    parameter = torch.nn.Parameter(torch.randn(512, 512, device=device))
-    first = optimizer_for(parameter)
+    parameter = torch.nn.Parameter(torch.randn(512, 512, device=device))  # 262k values: paged
+    first = bnb.optim.PagedAdamW8bit([parameter], lr=1e-3)
+    guard = NonfiniteGuard(first, 3, device)
     parameter.grad = torch.randn_like(parameter)
+    guard.check(torch.tensor(1.0, device=device), parameter.grad.norm())
     first.step()
+    state = first.state[parameter]
+    keys = ("state1", "state2", "absmax1", "absmax2")
+    before = {k: state[k].clone() for k in keys} | {"weight": parameter.detach().clone()}
+    parameter.grad = torch.full_like(parameter, float("nan"))
+    guard.check(torch.tensor(float("nan"), device=device), parameter.grad.norm())
+    first.step()
+    after = {k: state[k] for k in keys} | {"weight": parameter.detach()}
     with tempfile.TemporaryDirectory() as folder:
         save_optimizer(first, Path(folder))
-        second = optimizer_for(parameter)
+        second = bnb.optim.PagedAdamW8bit([parameter], lr=1e-3)
         load_optimizer(second, Path(folder))
-    before, after = first.state[parameter], second.state[parameter]
+    loaded = second.state[parameter]
     return {
-        "paged_before": bool(getattr(before["state1"], "is_paged", False)),
-        "paged_after_load": bool(getattr(after["state1"], "is_paged", False)),
-        "state_identical": all(torch.equal(before[k], after[k]) for k in ("state1", "state2", "absmax1", "absmax2")),
+        "paged_before": bool(getattr(state["state1"], "is_paged", False)),
+        "guard_skip_keeps_state": all(torch.equal(before[k].cpu(), after[k].cpu()) for k in before),
+        "paged_after_load": bool(getattr(loaded["state1"], "is_paged", False)),
+        "state_identical": all(torch.equal(state[k].cpu(), loaded[k].cpu()) for k in keys),
     }
 
 
@@ -179,7 +191,7 @@ def check_exact_resume(work: Path, size: str = "tiny", steps: int = 6, stop_at: 
     started = time.perf_counter()
     model_dir = write_random_llama(work / "model", size)
     dataset = synthetic_dataset(64, max_length, SIZES[size]["vocab_size"])
-    lora = LoraArguments(lora_r=8, lora_alpha=16, lora_dropout=0.1)
+    lora = LoraArguments(lora_r=LORA_RANK[size], lora_alpha=2 * LORA_RANK[size], lora_dropout=0.1)
     fields = dict(max_steps=steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=2,
                   learning_rate=1e-3, warmup_ratio=0.2, logging_steps=1, save_steps=stop_at, optim=optim)
     base = TrainArguments(**{**fields, **train_fields})
