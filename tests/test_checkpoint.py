@@ -19,7 +19,7 @@ from qlora_kit.train.checkpoint import (MANIFEST, CheckpointDamaged, TrainState,
                                         list_checkpoints, remove_leftovers, resolve_resume_dir, rotate_checkpoints,
                                         save_checkpoint, validate_checkpoint)
 from qlora_kit.train.optim import build_optimizer, build_scheduler
-from qlora_kit.train.resilience import synthetic_dataset, train_once, write_random_llama
+from qlora_kit.train.resilience import synthetic_dataset, train_once, write_random_llama, write_stepped_checkpoint
 
 CPU = torch.device("cpu")
 LORA = LoraArguments(lora_r=8, lora_alpha=16, lora_dropout=0.1)
@@ -124,13 +124,7 @@ def test_leftovers_of_a_killed_writer_are_ignored_then_removed(trained, tmp_path
 @pytest.mark.parametrize("optim", ["paged_adamw_8bit", "adamw_torch", "paged_adamw_32bit"])
 def test_the_size_estimate_matches_a_written_checkpoint(tiny_dir, tmp_path, optim):
     model = lora_model(tiny_dir, r=64)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    args = TrainArguments(optim=optim)
-    optimizer = build_optimizer(trainable, args, CPU)
-    for p in trainable:
-        p.grad = torch.ones_like(p)
-    optimizer.step()
-    folder = save_checkpoint(tmp_path, model, optimizer, build_scheduler(optimizer, args, 10), TrainState(step=1))
+    folder, _ = write_stepped_checkpoint(tmp_path, model, optim, CPU)
     written = sum(p.stat().st_size for p in folder.iterdir())
     assert abs(checkpoint_bytes(model, optim) - written) / written < 0.1, (checkpoint_bytes(model, optim), written)
 

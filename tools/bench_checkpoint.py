@@ -10,7 +10,6 @@ Prints a JSON report; see measure_costs in qlora_kit/train/resilience.py.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from qlora_kit.log import setup_logging
-from qlora_kit.train.resilience import measure_costs, write_random_llama
+from qlora_kit.train.resilience import measure_costs, write_random_llama, print_report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -47,10 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
             **measure_costs(Path(work), model_dir, device, steps=args.steps, optim=args.optim,
                             batch_size=args.batch_size, max_length=args.max_length),
         }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print_report(report, args.out)
     return report
 
 

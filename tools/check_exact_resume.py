@@ -10,7 +10,6 @@ trained straight through, again, and resumed from the middle; see qlora_kit.trai
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from qlora_kit.log import setup_logging
-from qlora_kit.train.resilience import check_exact_resume
+from qlora_kit.train.resilience import check_exact_resume, print_report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -35,10 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as work:
         report = check_exact_resume(Path(work), size="tiny" if args.tiny else "small", steps=args.steps,
                                     stop_at=args.stop_at, optim=args.optim, device=device)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print_report(report, args.out)
     return report
 
 

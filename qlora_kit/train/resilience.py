@@ -18,6 +18,7 @@ and a checkpoint's write and validation.
 
 from __future__ import annotations
 
+import json
 import platform
 import random
 import time
@@ -220,9 +221,8 @@ def measure_costs(work: Path, model_dir: Path, device: torch.device, steps: int 
     Step times come from the loop's own logged throughput over all `steps` (setup and the final
     checkpoint are outside it); the fastest of `repeats` runs counts.
     """
-    from qlora_kit.train.checkpoint import TrainState, checkpoint_bytes, save_checkpoint, validate_checkpoint
+    from qlora_kit.train.checkpoint import checkpoint_bytes, validate_checkpoint
     from qlora_kit.train.loop import train
-    from qlora_kit.train.optim import build_optimizer, build_scheduler
 
     set_seed(0)
     compute_dtype = choose_compute_dtype("auto", device)
@@ -244,14 +244,7 @@ def measure_costs(work: Path, model_dir: Path, device: torch.device, steps: int 
         if index:  # the loop's own timing of its steps, without setup and the final checkpoint
             seconds[guard].append(state.tokens_seen / throughput / steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    args = TrainArguments(optim=optim)
-    optimizer = build_optimizer(trainable, args, device)
-    for parameter in trainable:
-        parameter.grad = torch.ones_like(parameter)
-    optimizer.step()
-    started = time.perf_counter()
-    folder = save_checkpoint(work / "io", model, optimizer, build_scheduler(optimizer, args, 10), TrainState(step=1))
-    write_s = time.perf_counter() - started
+    folder, write_s = write_stepped_checkpoint(work / "io", model, optim, device)
     started = time.perf_counter()
     validate_checkpoint(folder)
     validate_s = time.perf_counter() - started
@@ -264,3 +257,29 @@ def measure_costs(work: Path, model_dir: Path, device: torch.device, steps: int 
         "checkpoint_bytes_estimate": checkpoint_bytes(model, optim),
         "checkpoint_write_seconds": round(write_s, 3), "checkpoint_validate_seconds": round(validate_s, 3),
     }
+
+
+def write_stepped_checkpoint(run_dir: Path, model, optim: str, device: torch.device) -> tuple[Path, float]:
+    """Write a checkpoint (step-1) of `model` after one optimizer step on all-ones gradients, so every
+    optimizer state exists; return its folder and the seconds the write took."""
+    from qlora_kit.train.checkpoint import TrainState, save_checkpoint
+    from qlora_kit.train.optim import build_optimizer, build_scheduler
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    args = TrainArguments(optim=optim)
+    optimizer = build_optimizer(trainable, args, device)
+    for parameter in trainable:
+        parameter.grad = torch.ones_like(parameter)
+    optimizer.step()
+    scheduler = build_scheduler(optimizer, args, 10)
+    started = time.perf_counter()
+    folder = save_checkpoint(run_dir, model, optimizer, scheduler, TrainState(step=1))
+    return folder, time.perf_counter() - started
+
+
+def print_report(report: dict[str, Any], out: Optional[str]) -> None:
+    """Print a report as JSON, and write it to `out` when given."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
