@@ -49,7 +49,10 @@ def on_device(tensor: torch.Tensor) -> torch.Tensor:
     """
     if not getattr(tensor, "is_paged", False):
         return tensor
-    return torch.as_tensor(_CudaArray(tensor), device=torch.device("cuda", tensor.page_deviceid))
+    view = torch.as_tensor(_CudaArray(tensor))
+    if view.device.type != "cuda" or view.data_ptr() != tensor.data_ptr():
+        raise RuntimeError("could not view a paged optimizer state on the GPU without copying it")
+    return view
 
 
 @dataclass
