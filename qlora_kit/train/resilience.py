@@ -180,6 +180,14 @@ def guard_sync_check(device: torch.device) -> Optional[str]:
         torch.cuda.set_sync_debug_mode(0)
 
 
+def _reported(check, device: torch.device) -> Any:
+    """A sub-check's result, or its error as text, so that one failure does not hide the other results."""
+    try:
+        return check(device)
+    except Exception as error:  # noqa: BLE001 - reported, not swallowed
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
 def check_exact_resume(work: Path, size: str = "tiny", steps: int = 6, stop_at: int = 3,
                        optim: str = "paged_adamw_8bit", device: Optional[torch.device] = None,
                        batch_size: int = 4, max_length: int = 64, noise_floor: bool = True,
@@ -190,6 +198,7 @@ def check_exact_resume(work: Path, size: str = "tiny", steps: int = 6, stop_at: 
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
+    paged, syncs = _reported(paged_state_roundtrip, device), _reported(guard_sync_check, device)
     model_dir = write_random_llama(work / "model", size)
     dataset = synthetic_dataset(64, max_length, SIZES[size]["vocab_size"])
     lora = LoraArguments(lora_r=LORA_RANK[size], lora_alpha=2 * LORA_RANK[size], lora_dropout=0.1)
@@ -208,8 +217,7 @@ def check_exact_resume(work: Path, size: str = "tiny", steps: int = 6, stop_at: 
         "size": size, "optim": optim, "steps": steps, "stop_at": stop_at,
         "resumed_vs_straight": compare_runs(run_a, run_c, steps),
         "straight_vs_straight": compare_runs(run_a, run_b, steps) if noise_floor else None,
-        "paged_state_roundtrip": paged_state_roundtrip(device),
-        "guard_device_syncs": guard_sync_check(device),
+        "paged_state_roundtrip": paged, "guard_device_syncs": syncs,
         "seconds": round(time.perf_counter() - started, 1),
     }
 
