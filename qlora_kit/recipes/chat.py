@@ -23,9 +23,9 @@ from qlora_kit.log import logger, setup_logging
 from qlora_kit.model.load import choose_compute_dtype, load_quantized_model, load_tokenizer
 from qlora_kit.model.lora import (add_lora, choose_lora_dtype, enable_gradient_checkpointing, log_dtype_choice,
                                   trainable_report)
-from qlora_kit.output import check_output_dir, finish_run, prepare_output_dir
+from qlora_kit.output import check_output_dir, check_resume, finish_run, prepare_output_dir, run_identity
 from qlora_kit.sources import resolve_model
-from qlora_kit.train.checkpoint import TrainState
+from qlora_kit.train.checkpoint import TrainState, check_checkpoint_space
 from qlora_kit.train.loop import total_optimizer_steps, train
 
 DEMO_PRESET = Path(__file__).resolve().parents[2] / "recipes" / "chat" / "demo.yaml"
@@ -61,6 +61,9 @@ def run(config: RunConfig) -> RunResult:
     tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
     train_data, eval_data, data_report = build_datasets(config.data, tokenizer, config.train.seed)
     logger.info(data_report.line())
+    identity = run_identity(model_dir, train_data, tokenizer.pad_token_id)  # what a resume must not change
+    if resume_dir is not None:
+        check_resume(resume_dir, config, identity)
 
     compute_dtype = choose_compute_dtype(config.model.bnb_4bit_compute_dtype, accelerator.device)
     lora_dtype = choose_lora_dtype(config.lora.lora_dtype, compute_dtype)
@@ -70,6 +73,7 @@ def run(config: RunConfig) -> RunResult:
         enable_gradient_checkpointing(model)
     model = add_lora(model, config.lora, lora_dtype)
     logger.info(trainable_report(model))
+    check_checkpoint_space(run_dir, model, config.train.optim)
 
     # The output folder: the resolved configuration and the tokenizer first.
     prepare_output_dir(run_dir, resuming=resume_dir is not None)
@@ -82,6 +86,7 @@ def run(config: RunConfig) -> RunResult:
         "device": str(accelerator.device),
         "data": vars(data_report),
         "qlora_kit_version": qlora_kit.__version__,
+        **identity,
     })
     tokenizer.save_pretrained(run_dir)
 
