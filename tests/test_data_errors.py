@@ -69,6 +69,16 @@ def test_a_path_that_does_not_exist(demo_tokenizer, tmp_path):
     assert "does not exist" in message and "chatterbot-en" in message
 
 
+def test_a_hub_id_that_cannot_be_reached(demo_tokenizer, tmp_path, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # fail at once instead of retrying
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    message = one_line_error(demo_tokenizer, tmp_path, "someorg/some-chats")
+    assert "dataset someorg/some-chats is not a local path and could not be loaded from the hub" in message
+
+
 def test_columns_that_fit_no_format(demo_tokenizer, tmp_path):
     path = write_lines(tmp_path / "c.jsonl", [json.dumps({"question": "q", "answer": "a"})])
     message = one_line_error(demo_tokenizer, tmp_path, path)

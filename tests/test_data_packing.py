@@ -26,11 +26,10 @@ def sequences(seed=0):
     return out
 
 
-def model(architecture, attn_implementation, **overrides):
+def model(architecture, attn_implementation, dtype=torch.float32, **overrides):
     torch.manual_seed(0)
     config = tiny_config(architecture, **overrides)
-    built = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
-                                                          dtype=torch.float32)
+    built = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     return built.eval()
 
 
@@ -66,6 +65,31 @@ def spans_of(position_ids):
     return list(zip(starts, starts[1:]))
 
 
+def on(device, batch):
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def assert_isolated(net, attn, device="cpu", tol=1e-4):
+    """Each sequence of a packed row has the logits it has alone, and the row's loss is the sum of theirs."""
+    examples = sequences()
+    _, packed = packed_batch(examples)
+    short = {"input_ids": [5, 6, 7], "labels": [5, 6, 7], "position_ids": [0, 1, 2]}
+    batch = on(device, collate([packed[0], short], pad_token_id=0))  # the short row's padding is a sequence too
+    by_ids = {tuple(e["input_ids"]): e for e in examples}
+    with torch.no_grad():
+        packed_logits = net(**model_inputs(batch, attn)).logits.float()
+        packed_loss = batch_loss_sum(net, batch)
+        alone_loss = batch_loss_sum(net, on(device, collate([short], 0)))
+        for start, end in spans_of(packed[0]["position_ids"]):
+            alone = on(device, collate([by_ids[tuple(packed[0]["input_ids"][start:end])]], 0))
+            alone_logits = net(**model_inputs(alone, attn)).logits.float()
+            torch.testing.assert_close(packed_logits[0, start:end], alone_logits[0], rtol=tol, atol=tol)
+            alone_loss += token_loss_sum(alone_logits, alone["labels"])
+        short_alone = net(torch.tensor([[5, 6, 7]], device=device)).logits[0].float()
+    torch.testing.assert_close(packed_logits[1, :3], short_alone, rtol=tol, atol=tol)
+    torch.testing.assert_close(packed_loss, alone_loss, rtol=tol, atol=tol * 10)
+
+
 @pytest.mark.parametrize("architecture, attn, overrides", [
     ("llama", "sdpa", {}),
     ("llama", "eager", {}),
@@ -75,23 +99,23 @@ def spans_of(position_ids):
     ("gpt2", "sdpa", {}),
 ])
 def test_a_sequence_packed_with_others_has_the_logits_and_loss_it_has_alone(architecture, attn, overrides):
-    net = model(architecture, attn, **overrides)
-    examples = sequences()
-    _, packed = packed_batch(examples)
-    short = {"input_ids": [5, 6, 7], "labels": [5, 6, 7], "position_ids": [0, 1, 2]}
-    batch = collate([packed[0], short], pad_token_id=0)  # the short row is padded: padding is a sequence too
-    by_ids = {tuple(e["input_ids"]): e for e in examples}
-    with torch.no_grad():
-        packed_logits = net(**model_inputs(batch, attn)).logits
-        packed_loss = batch_loss_sum(net, batch)
-        alone_loss = batch_loss_sum(net, collate([short], 0))
-        for start, end in spans_of(packed[0]["position_ids"]):
-            alone = collate([by_ids[tuple(packed[0]["input_ids"][start:end])]], 0)
-            alone_logits = net(**model_inputs(alone, attn)).logits
-            torch.testing.assert_close(packed_logits[0, start:end], alone_logits[0], rtol=1e-4, atol=1e-4)
-            alone_loss += token_loss_sum(alone_logits, alone["labels"])
-    torch.testing.assert_close(packed_logits[1, :3], net(torch.tensor([[5, 6, 7]])).logits[0].detach())
-    torch.testing.assert_close(packed_loss, alone_loss, rtol=1e-4, atol=1e-4)
+    assert_isolated(model(architecture, attn, **overrides), attn)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("architecture, attn, overrides", [
+    ("llama", "sdpa", {}),
+    ("mistral", "sdpa", {"sliding_window": 4}),
+    ("gemma3", "sdpa", {"sliding_window": 4}),
+    ("llama", "flash_attention_2", {}),
+    ("qwen3", "flash_attention_2", {}),
+])
+def test_packed_sequences_stay_isolated_on_cuda(architecture, attn, overrides):
+    if "flash" in attn and not transformers.utils.is_flash_attn_2_available():
+        pytest.skip("flash-attn is not installed")
+    dtype = torch.bfloat16 if "flash" in attn else torch.float32  # flash attention takes half precision only
+    net = model(architecture, attn, dtype=dtype, **overrides).to("cuda")
+    assert_isolated(net, attn, "cuda", tol=3e-2 if dtype == torch.bfloat16 else 1e-4)
 
 
 def test_the_same_row_without_restarting_positions_leaks_across_sequences():

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from datasets import Dataset, concatenate_datasets
 
 from qlora_kit.config import DataArguments
-from qlora_kit.data import formats, tokenize
+from qlora_kit.data import fast, formats, tokenize
 from qlora_kit.data.formats import check_columns, detect_format
 from qlora_kit.data.load import RawPart, Source, load_source, parse_sources
 from qlora_kit.data.packing import column_numpy, pack_dataset
@@ -144,7 +144,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def _code_fingerprint() -> str:
     """Changes when the code that turns records into tokens changes."""
-    return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (formats, tokenize))).hexdigest()
+    return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (formats, tokenize, fast))).hexdigest()
 
 
 def tokenize_part(part: RawPart, fmt: str, tokenizer, settings: TokenizeSettings, cache: Path,
