@@ -106,13 +106,13 @@ def test_a_column_of_the_wrong_type(demo_tokenizer, tmp_path, records, expected)
 def test_a_dataset_empty_after_filtering(demo_tokenizer, tmp_path):
     path = write_lines(tmp_path / "c.jsonl", [json.dumps({"messages": [{"role": "user", "content": "Hi"}]})] * 4)
     message = one_line_error(demo_tokenizer, tmp_path, path)
-    assert "has no usable example after filtering" in message
+    assert "has no usable example after filtering (dropped: 4 no assistant turn)" in message
 
 
 def test_every_conversation_longer_than_max_seq_length_with_the_drop_policy(demo_tokenizer, tmp_path):
     path = write_lines(tmp_path / "c.jsonl", good_lines(3))
     message = one_line_error(demo_tokenizer, tmp_path, path, max_seq_length=8, truncation_policy="drop")
-    assert "has no usable example after filtering" in message
+    assert "has no usable example after filtering (dropped: 3 longer than max_seq_length" in message
 
 
 def test_bad_weights(demo_tokenizer, tmp_path):

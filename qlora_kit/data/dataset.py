@@ -115,15 +115,18 @@ def prepare_source(source: Source, args: DataArguments, tokenizer, settings: Tok
             if settings.assistant_only:
                 check_offsets(tokenizer)
         tokenized, from_cache = tokenize_part(part, fmt, tokenizer, settings, cache, args.dataset_num_proc)
-        kept = filter_part(tokenized, part.where, args.strict, report)
+        kept, reasons = filter_part(tokenized, part.where, args.strict, report)
         kept_parts.append(kept)
+        for reason, count in reasons.items():
+            summary.setdefault("dropped", {})[reason] = summary.get("dropped", {}).get(reason, 0) + count
         summary["format"] = ",".join(filter(None, [summary["format"], fmt]))
         summary["read"] += len(tokenized)
         summary["kept"] += len(kept)
         summary["from_cache"] = summary.get("from_cache", True) and from_cache
     if summary["kept"] == 0:
-        raise UserError(f"dataset {source.name} has no usable example after filtering; see the reasons above, "
-                        f"or check --dataset_format and --max_seq_length")
+        dropped = ", ".join(f"{n} {reason}" for reason, n in summary.get("dropped", {}).items())
+        raise UserError(f"dataset {source.name} has no usable example after filtering (dropped: {dropped}); "
+                        f"check --dataset_format, --max_seq_length and --truncation_policy")
     kept = kept_parts[0] if len(kept_parts) == 1 else concatenate_datasets(kept_parts)
     return PreparedSource(source, kept, summary)
 
@@ -166,8 +169,9 @@ def tokenize_part(part: RawPart, fmt: str, tokenizer, settings: TokenizeSettings
     return tokenized, from_cache
 
 
-def filter_part(tokenized: Dataset, where: str, strict: bool, report: Optional[DataReport]) -> Dataset:
-    """The kept rows; skipped records are counted, or with `strict` the first bad one is an error."""
+def filter_part(tokenized: Dataset, where: str, strict: bool,
+                report: Optional[DataReport]) -> tuple[Dataset, dict[str, int]]:
+    """The kept rows and why the others were dropped; with `strict` the first bad record is an error."""
     skip = tokenized.data.column("skip")
     reasons = {r["values"]: r["counts"] for r in pc.value_counts(skip).to_pylist() if r["values"]}
     problems = {r: n for r, n in reasons.items() if r not in LENGTH_REASONS}
@@ -184,8 +188,8 @@ def filter_part(tokenized: Dataset, where: str, strict: bool, report: Optional[D
         report.truncated += int(pc.sum(tokenized.data.column("truncated").cast("int64")).as_py() or 0)
         report.context_replies += int(pc.sum(tokenized.data.column("context_replies")).as_py() or 0)
     if not reasons:
-        return tokenized
-    return tokenized.select(np.flatnonzero(pc.equal(skip, "").to_numpy(zero_copy_only=False)))
+        return tokenized, reasons
+    return tokenized.select(np.flatnonzero(pc.equal(skip, "").to_numpy(zero_copy_only=False))), reasons
 
 
 def split_eval(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Optional[Dataset]]:
