@@ -76,12 +76,34 @@ class DataArguments:
     _argument_group_name = "data"
 
     dataset_name: str = _help(
-        "Training data: a .jsonl/.json file of chat records, or the built-in 'chatterbot-en'.",
+        "Training data: a .jsonl/.json/.parquet/.csv file, a folder of them, a save_to_disk folder, a hub id, "
+        "or the built-in 'chatterbot-en'. Mix several with weights: 'a.jsonl:0.7,b.parquet:0.3' (or a YAML list).",
         default="chatterbot-en",
     )
     max_seq_length: int = _help("Longest sequence in tokens; longer conversations are truncated.", default=512)
     eval_fraction: float = _help("Share of the data held out for the eval loss (0 for none).", default=0.05)
     assistant_only_loss: bool = _help("Train on assistant tokens only (false: on all tokens).", default=True)
+    eval_dataset_name: Optional[str] = _help(
+        "Held-out eval data, the same kinds as dataset_name; when set, eval_fraction is not used.", default=None
+    )
+    dataset_format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = _help(
+        "Record shape; auto: detected per source from its columns. text: language modelling, loss on all tokens.",
+        default="auto",
+    )
+    truncation_policy: Literal["whole_turns", "cut", "drop"] = _help(
+        "Conversations longer than max_seq_length: whole_turns keeps the leading turns that fit (cuts when even "
+        "the first reply does not), cut cuts at max_seq_length tokens, drop drops them; all are counted.",
+        default="whole_turns",
+    )
+    packing: bool = _help(
+        "Pack several sequences into each max_seq_length row; each attends only to itself (position ids restart).",
+        default=False,
+    )
+    strict: bool = _help("Stop at the first bad record instead of skipping and counting it.", default=False)
+    dataset_num_proc: Optional[int] = _help(
+        "Processes that tokenize the data (default: the CPU count, up to 8, for 5,000+ records; else 1).",
+        default=None,
+    )
 
 
 @dataclass
@@ -205,12 +227,25 @@ def read_yaml_config(path: str) -> dict[str, Any]:
     return values
 
 
+# Fields that take several data sources: a YAML list of them ('a.jsonl:0.7', or {name: a.jsonl, weight: 0.7})
+# becomes the one comma-separated value the flag takes.
+SOURCE_LIST_FIELDS = ("dataset_name", "eval_dataset_name")
+
+
+def _source_list(items: list[Any]) -> str:
+    entries = [f"{item['name']}:{item['weight']}" if isinstance(item, dict) and "weight" in item
+               else str(item["name"]) if isinstance(item, dict) and "name" in item else str(item) for item in items]
+    return ",".join(entries)
+
+
 def _as_tokens(values: dict[str, Any]) -> list[str]:
     """Turn YAML values into command-line tokens, so argparse checks their types the same way."""
     tokens: list[str] = []
     for name, value in values.items():
         if value is None:
             continue
+        if name in SOURCE_LIST_FIELDS and isinstance(value, list):
+            value = _source_list(value)
         items = value if isinstance(value, list) else [value]
         tokens.append(f"--{name}")
         tokens.extend(str(item).lower() if isinstance(item, bool) else str(item) for item in items)

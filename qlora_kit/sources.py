@@ -145,3 +145,7 @@ def demo_dataset_files() -> list[Path]:
         raise UserError("the demo data needs the package chatterbot-corpus: pip install chatterbot-corpus")
     english = Path(list(spec.submodule_search_locations)[0]) / "data" / "english"
     return sorted(english.glob("*.yml"))
+
+
+# Built-in datasets, usable as --dataset_name: name -> a function returning the files that hold it.
+BUILTIN_DATASETS = {DEMO_DATASET: demo_dataset_files}

@@ -1,18 +1,62 @@
 """Chat messages -> input_ids and labels through the tokenizer's chat template.
 
-Which tokens are the assistant's is found by rendering, not by guessing token offsets: for each
-assistant turn, the conversation is rendered up to the turn (with the generation prompt) and up
-to its end; the characters between the two are the reply, end-of-turn marker included. Tokens
-of the full rendering that start inside a reply get labels; all others get -100.
+Which tokens are the assistant's is found by rendering, never by guessing token offsets. For each
+assistant reply the conversation is rendered up to the reply with the generation prompt (where
+the model starts writing) and through the reply (where it has written the reply and its
+end-of-turn marker); both renderings must be prefixes of the full rendering. The characters
+between the two are the reply as the model writes it, end-of-turn marker included, and the
+tokens of the full rendering that start inside a reply get labels; all others get -100.
+
+Some templates render an earlier reply differently once later turns follow (Qwen3-style
+templates drop the reasoning of earlier replies and write the last one with a think block). Such
+a reply appears in the conversation in a form the model never writes at that point, so it is
+kept as context, untrained, and counted (`context_replies`); the reply boundaries that do match
+are trained as usual. Which case applies is decided per reply by the prefix checks above.
+
+A tokenizer without a chat template gets ChatML, said once. Plain text (role "text") is
+tokenized as is, with the tokenizer's own special tokens and an end-of-sequence token, and every
+token is trained.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from bisect import bisect_left
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
+from datasets import Features, List, Value
+
+from qlora_kit.data.fast import encoder, renderer
+from qlora_kit.data.formats import TEXT_ROLE, Message, SkipRecord, to_messages
 from qlora_kit.errors import UserError
+from qlora_kit.log import notice_once
 
 IGNORE_INDEX = -100
+TruncationPolicy = Literal["whole_turns", "cut", "drop"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Reasons a conversation is dropped that follow from --max_seq_length and the truncation policy,
+# not from a fault in the record (--strict does not turn these into errors).
+LONGER_THAN_MAX = "longer than max_seq_length (--truncation_policy drop)"
+NOTHING_TRAINED_WITHIN_MAX = "no trained token within max_seq_length"
+LENGTH_REASONS = (LONGER_THAN_MAX, NOTHING_TRAINED_WITHIN_MAX)
+
+TOKENIZED_FEATURES = Features({
+    "input_ids": List(Value("int32")), "labels": List(Value("int32")), "length": Value("int32"),
+    "trained": Value("int32"), "truncated": Value("bool"), "context_replies": Value("int32"),
+    "skip": Value("string"),
+})
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """How conversations become token sequences."""
+
+    max_seq_length: int
+    assistant_only: bool = True
+    truncation: TruncationPolicy = "whole_turns"
 
 
 @dataclass
@@ -20,43 +64,181 @@ class TokenizedConversation:
     input_ids: list[int]
     labels: list[int]
     truncated: bool
+    context_replies: int = 0
 
 
-def render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def ensure_chat_template(tokenizer) -> None:
+    """Give a tokenizer without a chat template ChatML (said once); it is saved with the adapter."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHATML_TEMPLATE
+        notice_once("the tokenizer has no chat template: using ChatML (<|im_start|>role ... <|im_end|>), "
+                    "which is saved with the tokenizer in the output folder")
 
 
-def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span of each assistant reply in it."""
+def check_offsets(tokenizer) -> None:
+    """Refuse, up front, a tokenizer that cannot map tokens to characters (assistant-only loss needs it)."""
+    try:
+        tokenizer("a b", add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        raise UserError(f"the tokenizer ({type(tokenizer).__name__}) cannot map tokens to characters, which the "
+                        "loss on assistant tokens needs; train on all tokens with --assistant_only_loss false") from None
+
+
+def render(tokenizer, messages: list[Message], generation_prompt: bool = False) -> str:
+    """The chat template's text for `messages`; a template that refuses them skips the record."""
+    try:
+        return renderer(tokenizer)(messages, generation_prompt)
+    except Exception as error:  # jinja's raise_exception, or a template that trips on the data
+        message = " ".join(str(error).split())[:100]
+        raise SkipRecord(f"the chat template refused it ({message})") from None
+
+
+def reply_spans(tokenizer, messages: list[Message]) -> tuple[str, list[tuple[int, int]], dict[int, int], int]:
+    """The full rendering, the character span of each trained reply in it, and the reply ends.
+
+    Returns:
+        (text, spans, ends, context): `ends` maps the index of each trained reply to the character
+        where it ends; `context` counts the replies kept as untrained context.
+    """
     full = render(tokenizer, messages)
-    spans = []
+    spans, ends, context = [], {}, 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:i], generation_prompt=True) if i else ""
-        through = render(tokenizer, messages[: i + 1])
+        if i == 0:  # nothing precedes it: a greeting is context, not an answer
+            context += 1
+            continue
+        before = render(tokenizer, messages[:i], generation_prompt=True)
+        through = full if i == len(messages) - 1 else render(tokenizer, messages[: i + 1])
         if not (through.startswith(before) and full.startswith(through)):
-            raise UserError(
-                "this chat template renders earlier turns differently from later ones, so assistant "
-                "tokens cannot be found by rendering; train on all tokens with --assistant_only_loss false"
-            )
+            context += 1
+            continue
         spans.append((len(before), len(through)))
-    return full, spans
+        ends[i] = len(through)
+    return full, spans, ends, context
 
 
-def tokenize_conversation(
-    tokenizer, messages: list[dict], max_seq_length: int, assistant_only: bool = True
-) -> TokenizedConversation:
-    """Token ids and labels of one conversation, cut to `max_seq_length` tokens."""
-    text, spans = assistant_char_spans(tokenizer, messages)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoded["input_ids"]
-    if assistant_only:
-        labels = [
-            token if any(start <= char_start < end for start, end in spans) else IGNORE_INDEX
-            for token, (char_start, _) in zip(ids, encoded["offset_mapping"])
-        ]
-    else:
-        labels = list(ids)
-    truncated = len(ids) > max_seq_length
-    return TokenizedConversation(ids[:max_seq_length], labels[:max_seq_length], truncated)
+def _labels(ids: list[int], starts: list[int], spans: list[tuple[int, int]]) -> list[int]:
+    """ids where the token starts inside a span, -100 elsewhere."""
+    labels = [IGNORE_INDEX] * len(ids)
+    for begin, end in spans:
+        first, last = bisect_left(starts, begin), bisect_left(starts, end)
+        labels[first:last] = ids[first:last]
+    return labels
+
+
+@dataclass
+class Rendered:
+    """A conversation rendered by the chat template, with its reply spans (see `reply_spans`)."""
+
+    messages: list[Message]
+    text: str
+    spans: list[tuple[int, int]]
+    ends: dict[int, int]
+    context: int
+
+
+def tokenize_messages(tokenizer, messages: list[Message], settings: TokenizeSettings) -> TokenizedConversation:
+    """Token ids and labels of one conversation, fitted to `settings.max_seq_length` by its policy."""
+    if messages[0]["role"] == TEXT_ROLE:
+        return _tokenize_text(tokenizer, messages[0]["content"], settings)
+    rendered = Rendered(messages, *reply_spans(tokenizer, messages))
+    return _fit(tokenizer, rendered, *encoder(tokenizer)([rendered.text])[0], settings)
+
+
+def _fit(tokenizer, rendered: Rendered, ids: list[int], starts: list[int],
+         settings: TokenizeSettings) -> TokenizedConversation:
+    """Labels for a rendered conversation's tokens, and the policy applied when it is too long."""
+    labels = _labels(ids, starts, rendered.spans) if settings.assistant_only else list(ids)
+    limit = settings.max_seq_length
+    if len(ids) <= limit:
+        return TokenizedConversation(ids, labels, False, rendered.context)
+    if settings.truncation == "drop":
+        raise SkipRecord(LONGER_THAN_MAX)
+    if settings.truncation == "whole_turns":
+        shorter = _whole_turns(tokenizer, rendered.messages, settings, rendered.ends, starts)
+        if shorter is not None:
+            return shorter
+    return TokenizedConversation(ids[:limit], labels[:limit], True, rendered.context)
+
+
+def _whole_turns(tokenizer, messages: list[Message], settings: TokenizeSettings, ends: dict[int, int],
+                 starts: list[int]) -> TokenizedConversation | None:
+    """The longest leading part of the conversation that ends on a reply and fits, or None."""
+    cut = replace(settings, truncation="cut")
+    replies = [i for i, message in enumerate(messages[:-1]) if i and message["role"] == "assistant"]
+    for i in reversed(replies):
+        if i in ends and bisect_left(starts, ends[i]) > settings.max_seq_length:
+            continue  # the full rendering shows that even the part through this reply is too long
+        shorter = tokenize_messages(tokenizer, messages[: i + 1], cut)
+        if not shorter.truncated and trained_count(shorter.labels):
+            shorter.truncated = True
+            return shorter
+    return None
+
+
+def _tokenize_text(tokenizer, text: str, settings: TokenizeSettings) -> TokenizedConversation:
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids = [*ids, tokenizer.eos_token_id]
+    if len(ids) <= settings.max_seq_length:
+        return TokenizedConversation(ids, list(ids), False)
+    if settings.truncation == "drop":
+        raise SkipRecord(LONGER_THAN_MAX)
+    ids = ids[: settings.max_seq_length]
+    return TokenizedConversation(ids, list(ids), True)
+
+
+def tokenize_conversation(tokenizer, messages: list[Message], max_seq_length: int, assistant_only: bool = True,
+                          truncation: TruncationPolicy = "whole_turns") -> TokenizedConversation:
+    """Token ids and labels of one conversation (see `tokenize_messages`)."""
+    return tokenize_messages(tokenizer, messages, TokenizeSettings(max_seq_length, assistant_only, truncation))
+
+
+def trained_count(labels: list[int]) -> int:
+    """Tokens that get a loss: labels after the first position (position t predicts label t+1)."""
+    return max(0, len(labels) - 1 - labels[1:].count(IGNORE_INDEX))
+
+
+def tokenize_batch(batch: dict[str, list[Any]], *, fmt: str, tokenizer, settings: TokenizeSettings) -> dict[str, list]:
+    """`datasets.map(batched=True)` function: records of a format -> token columns, or the reason to skip.
+
+    The conversations of the batch are rendered one by one and tokenized together in one call.
+    """
+    records = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    results: list[TokenizedConversation | Rendered | str] = []
+    for record in records:
+        try:
+            messages = to_messages(record, fmt)
+            results.append(_tokenize_text(tokenizer, messages[0]["content"], settings)
+                           if messages[0]["role"] == TEXT_ROLE else Rendered(messages, *reply_spans(tokenizer, messages)))
+        except SkipRecord as reason:
+            results.append(str(reason))
+    pending = [i for i, r in enumerate(results) if isinstance(r, Rendered)]
+    for i, (ids, starts) in zip(pending, encoder(tokenizer)([results[i].text for i in pending])):
+        try:
+            results[i] = _fit(tokenizer, results[i], ids, starts, settings)
+        except SkipRecord as reason:
+            results[i] = str(reason)
+    return _columns(results)
+
+
+def _columns(results: list[TokenizedConversation | str]) -> dict[str, list]:
+    out: dict[str, list] = {name: [] for name in TOKENIZED_FEATURES}
+    for result in results:
+        skip, trained = "", 0
+        if isinstance(result, TokenizedConversation):
+            trained = trained_count(result.labels)
+            if trained == 0:
+                skip = NOTHING_TRAINED_WITHIN_MAX if result.truncated else "no trained token"
+        else:
+            skip = result
+        tokenized = result if not skip else TokenizedConversation([], [], False)
+        out["input_ids"].append(tokenized.input_ids)
+        out["labels"].append(tokenized.labels)
+        out["length"].append(len(tokenized.input_ids))
+        out["trained"].append(trained)
+        out["truncated"].append(tokenized.truncated)
+        out["context_replies"].append(tokenized.context_replies)
+        out["skip"].append(skip)
+    return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qlora_kit.data.batches import model_inputs
+from qlora_kit.data.batches import attention_implementation, model_inputs
 from qlora_kit.data.tokenize import IGNORE_INDEX
 
 
@@ -30,5 +30,5 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def batch_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Run the model on a batch and return its summed token loss."""
-    logits = model(**model_inputs(batch)).logits
+    logits = model(**model_inputs(batch, attention_implementation(model))).logits
     return token_loss_sum(logits, batch["labels"])
