@@ -40,7 +40,8 @@ FIXED_FIELDS = {
     "per_device_train_batch_size": "the data position, counted in batches",
     "optim": "the optimizer state's layout",
 }
-DATA_FIELDS = ("dataset_name", "max_seq_length", "assistant_only_loss", "eval_fraction", "seed")
+DATA_FIELDS = ("dataset_name", "dataset_format", "eval_dataset_name", "max_seq_length", "truncation_policy",
+               "assistant_only_loss", "packing", "eval_fraction", "seed")
 NOT_COMPARED = {"resume_from_checkpoint", "overwrite_output_dir", "resolved"}
 
 
