@@ -9,17 +9,19 @@ cost no activation memory, while every RMSNorm keeps an fp32 copy of its input.
 Per token, one decoder block keeps for its backward:
   norms         4H per norm (its fp32 input copy; none for the first norm in fp32, whose input is the
                 checkpoint itself) + 4 (rsqrt); q/k norms (Qwen3, Gemma-3) 4q + 4kv
-  projections   d x H for the attention input and again for the MLP input
+  projections   the NF4 matmul keeps nothing; LoRA's A keeps its input: d x H for the attention input
+                and again for the MLP input, d x I for the MLP product; with lora_dropout > 0 instead
+                (d + 1) x in per adapted projection (its dropout output and bool mask)
   attention     d x (q + 2 kv') for q, k, v after rotary (kv' = q when a padding mask makes transformers
                 repeat the kv heads), d x q output, 4 x heads log-sum-exp; with a padding mask sdpa keeps
                 a float copy of it, B x T x T x d per block; eager attention (Gemma-2 has no sdpa) adds
                 heads x T x (4 + d) (fp32 softmax and its d copy; + d with Gemma-2 attention softcapping);
                 a fused qkv projection (Phi-3) keeps its whole output alive through v, d x (q + kv) more
-  MLP           d x (gate + up outputs + act + product) = 4 I d gated, 2 I d plain
-  LoRA          d x r per adapted layer, plus d x in + in (output and mask) when lora_dropout > 0
-Backward of a block adds its incoming and outgoing gradients (2 d H), two MLP-width gradients (2 d I)
-and one dequantized projection weight (d x in x out of the largest), which bitsandbytes builds to
-multiply the gradient by.
+  MLP           d x (gate + up outputs + act) = 3 I d gated (the product only through LoRA), I d plain
+  LoRA          d x r per adapted layer (A's output)
+Backward of a block adds its incoming gradient (d H per token) and, at the MLP, two MLP-width
+gradients (2 d I per token) or one beside the dequantized down-projection weight (d x in x out, which
+bitsandbytes builds to multiply the gradient by), whichever is larger.
 
 The loss: the plain loss holds d N V of logits, their fp32 copy and its log-softmax (forward), then the
 log-softmax, its gradient and the NLL gradient (backward): 12 N V bytes at its peak (+ d N V for Gemma
@@ -72,21 +74,53 @@ def _attention_bytes_per_token(shape: ModelShape, settings: RunSettings) -> int:
     return total
 
 
-def _lora_bytes_per_token(shape: ModelShape, settings: RunSettings) -> int:
+OUTPUT_PROJECTION_WORDS = ("o_proj", "out_proj", "dense", "c_proj", "wo")
+
+
+def _block_groups(shape: ModelShape) -> list[tuple[list[str], int, bool]]:
+    """The projections of a block grouped by the tensor they read: (names, width, read anyway).
+
+    "Read anyway" marks an input that autograd keeps whatever LoRA does: the attention output, which
+    sdpa saves. The other inputs (the two norm outputs, the MLP product) are kept only by LoRA.
+    """
+    attention, mlp = shape.projections.attention, shape.projections.mlp
+    out = next((n for n in attention if n.split(".")[-1] in OUTPUT_PROJECTION_WORDS), attention[-1] if attention else None)
+    groups = []
+    if attention:
+        groups.append(([n for n in attention if n != out], shape.hidden_size, False))
+        groups.append(([out], shape.q_dim, True))
+    if mlp:
+        groups.append((mlp[:-1], shape.hidden_size, False))
+        groups.append((mlp[-1:], shape.intermediate_size, False))
+    return groups
+
+
+def _projection_inputs_per_token(shape: ModelShape, settings: RunSettings) -> int:
+    """Projection inputs kept for backward, and LoRA's own activations.
+
+    The frozen NF4 matmul keeps nothing of its input; LoRA's A keeps its input (the projection's input,
+    or with lora_dropout > 0 the dropout's output and its bool mask, one per adapted projection) and
+    B keeps A's output (r values).
+    """
     d = settings.compute_bytes
-    block = [linear for linear in adapted_linears(shape, settings.lora_target_modules) if linear.layer == 0]
-    total = d * settings.lora_r * len(block)
-    if settings.lora_dropout > 0:
-        total += sum((d + 1) * linear.in_features for linear in block)
+    prefix = shape.projections.blocks_path + ".0."
+    adapted = {linear.name[len(prefix):] for linear in adapted_linears(shape, settings.lora_target_modules)
+               if linear.layer == 0}
+    total = d * settings.lora_r * len(adapted)
+    for names, width, read_anyway in _block_groups(shape):
+        count = sum(1 for n in names if n in adapted)
+        if count and settings.lora_dropout > 0:
+            total += count * (d + 1) * width
+        elif count and not read_anyway:
+            total += d * width
     return total
 
 
 def layer_saved_bytes(shape: ModelShape, settings: RunSettings) -> int:
     """What autograd keeps of one decoder block's forward, for its backward."""
-    d, H, I = settings.compute_bytes, shape.hidden_size, shape.intermediate_size
-    mlp = (4 if shape.mlp_gated else 2) * I * d
-    per_token = (_norm_bytes_per_token(shape, settings) + 2 * d * H + _attention_bytes_per_token(shape, settings)
-                 + mlp + _lora_bytes_per_token(shape, settings))
+    mlp = (3 if shape.mlp_gated else 1) * shape.intermediate_size * settings.compute_bytes
+    per_token = (_norm_bytes_per_token(shape, settings) + _attention_bytes_per_token(shape, settings) + mlp
+                 + _projection_inputs_per_token(shape, settings))
     return settings.tokens * per_token + attention_bias_bytes(shape, settings)
 
 
@@ -111,10 +145,14 @@ def dequantized_weight_bytes(shape: ModelShape, settings: RunSettings) -> int:
 
 
 def layer_backward_bytes(shape: ModelShape, settings: RunSettings) -> int:
-    """Gradients alive while one block runs backward, beyond what it saved."""
-    d = settings.compute_bytes
-    flowing = settings.tokens * d * (2 * shape.hidden_size + 2 * shape.intermediate_size)
-    return flowing + dequantized_weight_bytes(shape, settings)
+    """Gradients alive while one block runs backward, beyond what it saved.
+
+    Measured on the CPU with `LiveTensorBytes`: the incoming gradient, then at the MLP either two
+    MLP-width gradients, or one beside the dequantized down-projection weight, whichever is larger.
+    """
+    d, N = settings.compute_bytes, settings.tokens
+    mlp = max(2 * N * shape.intermediate_size * d, N * shape.intermediate_size * d + dequantized_weight_bytes(shape, settings))
+    return N * shape.hidden_size * d + mlp
 
 
 def final_hidden_bytes(shape: ModelShape, settings: RunSettings) -> int:

@@ -67,6 +67,7 @@ def random_quantized_model(config: PretrainedConfig, device: torch.device, dtype
             if buffer is not None:
                 module._buffers[name] = buffer.to(device)
     model.tie_weights()
+    model.is_loaded_in_4bit = True  # as transformers marks it, so peft wraps the layers in its 4-bit LoRA
     model.config.use_cache = False
     return model.train()
 
@@ -103,11 +104,13 @@ class Measurement:
         return self.predicted_allocated_bytes / self.measured_allocated_bytes - 1
 
 
-def predicted(shape: ModelShape, settings: RunSettings) -> tuple[int, int]:
-    """The planner's reserved and allocated bytes (allocated: without the allocator slack)."""
+def predicted(shape: ModelShape, settings: RunSettings, device: torch.device) -> tuple[int, int]:
+    """The planner's reserved and allocated bytes (allocated: without the allocator slack, and on
+    CPU without cuBLAS workspaces)."""
     plan = plan_memory(shape, settings, gpu_bytes=1 << 50, host_bytes=1 << 50)
-    slack = next(r.bytes for r in plan.rows if r.name == "allocator slack")
-    return plan.predicted_allocator_bytes, plan.predicted_allocator_bytes - slack
+    not_allocated = {"allocator slack"} | ({"cuBLAS workspaces"} if device.type != "cuda" else set())
+    extra = sum(r.bytes for r in plan.rows if r.name in not_allocated)
+    return plan.predicted_allocator_bytes, plan.predicted_allocator_bytes - extra
 
 
 class _Peaks:
@@ -177,10 +180,10 @@ def measure_model(name: str, seq_lengths: list[int], batch_size: int, device: to
                                        optim="paged_adamw_8bit", compute_dtype=dtype_name, lora_dtype=dtype_name,
                                        attn_implementation=attn, offload_activations=offload, loss_chunk_size=chunk)
                 plan = plan_memory(shape, settings, 1 << 50, 1 << 50)
-                trained = batch_size * (seq - min(PADDING, seq // 4) - 1) / (batch_size * seq)
+                trained = (seq - min(PADDING, seq // 4) - 1) / seq
                 settings = dataclasses.replace(settings, loss_chunk_size=plan.loss_chunk_size, trained_fraction=trained)
                 reserved, allocated, seconds = measure_configuration(model, settings, shape.vocab_size, device, peaks, steps)
-                pred_reserved, pred_allocated = predicted(shape, settings)
+                pred_reserved, pred_allocated = predicted(shape, settings, device)
                 label = name + (" (shrunk)" if config_overrides else "")
                 results.append(Measurement(label, batch_size, seq, settings.loss_chunk_size, offload, reserved, allocated,
                                            pred_reserved, pred_allocated, seconds, str(device)))
@@ -198,3 +201,69 @@ def format_measurements(rows: list[Measurement]) -> str:
                      f"{r.predicted_reserved_bytes / GiB:9.3f} {r.predicted_allocated_bytes / GiB:10.3f} "
                      f"{r.error:+7.1%} {r.seconds_per_step:7.2f}")
     return "\n".join(lines)
+
+
+# --tiny: the same two shapes, shrunk so a CPU runs every configuration in about a minute.
+TINY_OVERRIDES = {
+    "smollm2-135m-instruct": {"num_hidden_layers": 2},
+    "llama-3.1-8b": {"hidden_size": 256, "intermediate_size": 896, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "head_dim": 64},
+}
+
+
+def _environment(device: torch.device) -> dict:
+    import transformers
+
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__, "bitsandbytes": bnb.__version__}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        info["outside_allocator_bytes"] = total - free - torch.cuda.memory_reserved(device)
+        info["total_bytes"] = total
+    return info
+
+
+def measure_command(argv: list[str]) -> list[Measurement]:
+    """tools/measure_memory.py: measure every configuration, print a table and JSON, write --out."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from qlora_kit.errors import UserError
+    from qlora_kit.memory.track import LiveTensorBytes
+
+    parser = argparse.ArgumentParser(prog="python tools/measure_memory.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="shrunk shapes at short sequences (runs on CPU)")
+    parser.add_argument("--models", default="smollm2-135m-instruct,llama-3.1-8b", help="shipped shape names or config.json paths")
+    parser.add_argument("--seq", default=None, help="sequence lengths (default 1024,4096; --tiny: 64,128)")
+    parser.add_argument("--batch", type=int, default=None, help="micro-batch size (default 1; --tiny: 2)")
+    parser.add_argument("--steps", type=int, default=2, help="training steps per configuration")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu" and not args.tiny:
+        raise UserError("no GPU here: pass --tiny to measure shrunk shapes on the CPU")
+    seqs = [int(s) for s in (args.seq or ("64,128" if args.tiny else "1024,4096")).split(",")]
+    batch = args.batch or (2 if args.tiny else 1)
+    rows: list[Measurement] = []
+    start = time.perf_counter()
+    tracker = LiveTensorBytes() if device.type == "cpu" else None
+    if tracker is not None:
+        tracker.__enter__()
+    try:
+        for name in args.models.split(","):
+            overrides = TINY_OVERRIDES.get(name, {"num_hidden_layers": 2}) if args.tiny else None
+            rows += measure_model(name, seqs, batch, device, args.steps, overrides, tracker)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        if tracker is not None:
+            tracker.__exit__(None, None, None)
+    report = {"environment": _environment(device), "seconds": round(time.perf_counter() - start, 1),
+              "rows": [{**dataclasses.asdict(r), "error": round(r.error, 4)} for r in rows]}
+    print(format_measurements(rows))
+    print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return rows

@@ -54,6 +54,7 @@ MiB = 1024**2
 CUDA_CONTEXT_BYTES = 768 * MiB   # CUDA context, cuBLAS and bitsandbytes kernels: outside torch's allocator
 HOST_BASELINE_BYTES = 4 * GiB     # the Python process with torch, transformers and the CUDA libraries
 ALLOCATOR_SLACK = 0.05            # caching-allocator rounding and fragmentation, on the activations
+CUBLAS_WORKSPACES = 2 * 32 * MiB  # one 32 MiB cuBLAS workspace for the forward thread, one for autograd's
 LAYERS_IN_FLIGHT = 2
 PHASES = ("gpu, layer backward", "gpu, loss")
 
@@ -176,6 +177,7 @@ def budget_rows(shape: ModelShape, s: RunSettings, resident: int, offload: bool,
     """The full budget table of one candidate plan."""
     rows = _static_rows(shape, s, resident) + _activation_rows(shape, s, offload, chunk)
     rows.append(BudgetRow("allocator slack", _slack(rows), "gpu", f"{ALLOCATOR_SLACK:.0%} of the activations"))
+    rows.append(BudgetRow("cuBLAS workspaces", CUBLAS_WORKSPACES, "gpu", "32 MiB each for the forward and backward threads"))
     rows.append(BudgetRow("CUDA context and kernels", CUDA_CONTEXT_BYTES, "gpu", "outside torch's allocator"))
     rows.append(BudgetRow("Python, torch and CUDA libraries", HOST_BASELINE_BYTES, "host", "the process itself"))
     return rows

@@ -192,7 +192,7 @@ def shape_from_model(model: nn.Module, config: PretrainedConfig) -> ModelShape:
         unquantized=unquantized,
         norm_dims=norm_dims,
         mlp_gated=_mlp_gated(model, projections),
-        fused_qkv=any(q.out_features == q_dim + 2 * kv_dim for q in quantized if q.layer == 0) and kv_dim != q_dim,
+        fused_qkv=any(block.get_submodule(n).out_features == q_dim + 2 * kv_dim for n in projections.attention),
         supports_sdpa=bool(getattr(model, "_supports_sdpa", True)),
     )
 

@@ -25,6 +25,7 @@ class LiveTensorBytes(TorchDispatchMode):
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.largest = 0  # the largest single storage created
         self._tracked: set[int] = set()
 
     def _free(self, key: int, nbytes: int) -> None:
@@ -40,11 +41,13 @@ class LiveTensorBytes(TorchDispatchMode):
         self._tracked.add(key)
         self.live += nbytes
         self.peak = max(self.peak, self.live)
+        self.largest = max(self.largest, nbytes)
         weakref.finalize(storage, self._free, key, nbytes)
 
     def reset_peak(self) -> None:
-        """Start a new peak from the bytes alive now."""
+        """Start a new peak (and largest storage) from the bytes alive now."""
         self.peak = self.live
+        self.largest = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
