@@ -47,8 +47,10 @@ class ActivationOffloader:
     """Moves checkpointed layer inputs to pinned host memory and back, overlapping copies with compute."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device
         self.on_cuda = device.type == "cuda"
+        if self.on_cuda and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         self.copy_stream = torch.cuda.Stream(device) if self.on_cuda else None
         self._last: Optional[_Offloaded] = None
         self.offloaded_bytes = 0  # bytes sent to the host, for reports and tests

@@ -22,8 +22,10 @@ wrapper (DDP needs its own forward to synchronise gradients), so the plain loss 
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
+import textwrap
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -97,19 +99,30 @@ _HEAD_STATEMENTS: list[tuple[str, Optional[str]]] = [
 ]
 
 
+def _flatten(statements: list[ast.stmt]) -> list[str]:
+    """Statements as normalised source lines; an `if` gives its test line and then its body."""
+    lines = []
+    for statement in statements:
+        if isinstance(statement, ast.If) and not statement.orelse:
+            lines.append(f"if {ast.unparse(statement.test)}:")
+            lines += _flatten(statement.body)
+        else:
+            lines.append(ast.unparse(statement))
+    return lines
+
+
 def _head_statements(forward: Callable) -> Optional[list[str]]:
     """The statements from the decoder's output to the loss in a causal-LM forward, or None if unreadable."""
     try:
-        lines = inspect.getsource(forward).splitlines()
-    except (OSError, TypeError):
+        function = ast.parse(textwrap.dedent(inspect.getsource(forward))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
         return None
-    start = next((i for i, line in enumerate(lines) if "last_hidden_state" in line or "outputs[0]" in line), None)
-    end = next((i for i, line in enumerate(lines) if line.strip().startswith(("loss = None", "loss =", "return"))
-                and start is not None and i > start), None)
-    if start is None or end is None:
+    lines = _flatten(getattr(function, "body", []))
+    start = next((i for i, line in enumerate(lines) if re.match(r"hidden_states = \w*outputs", line)), None)
+    if start is None:
         return None
-    statements = [line.split("#")[0].strip() for line in lines[start:end]]
-    return [s for s in statements if s]
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith(("loss = ", "return "))), len(lines))
+    return lines[start:end]
 
 
 def logit_head(model: nn.Module) -> Optional[LogitHead]:
