@@ -114,6 +114,15 @@ class TrainArguments:
     logging_steps: int = _help("Log the training loss every N optimizer steps.", default=10)
     eval_steps: int = _help("Compute the eval loss every N optimizer steps (0: only at the end).", default=50)
     save_steps: int = _help("Save a checkpoint every N optimizer steps (0: only at the end).", default=100)
+    save_total_limit: int = _help("Keep only the newest N checkpoints (0: keep every one).", default=0)
+    keep_best_checkpoint: bool = _help(
+        "With --save_total_limit, also keep the checkpoint with the lowest eval loss.", default=False
+    )
+    max_nonfinite_steps: int = _help(
+        "Skip an optimizer step whose loss or gradient norm is NaN or inf; stop after this many in a row "
+        "(0: no guard, such updates are applied).",
+        default=5,
+    )
 
 
 @dataclass
@@ -268,6 +277,11 @@ def validate(config: RunConfig) -> None:
         (config.train.logging_steps > 0, "--logging_steps must be at least 1"),
         (config.train.eval_steps >= 0, "--eval_steps must be 0 (only at the end) or positive"),
         (config.train.save_steps >= 0, "--save_steps must be 0 (only at the end) or positive"),
+        (config.train.save_total_limit >= 0, "--save_total_limit must be 0 (keep every checkpoint) or positive"),
+        (config.train.max_nonfinite_steps >= 0, "--max_nonfinite_steps must be 0 (no guard) or positive"),
+        (not (config.train.keep_best_checkpoint and config.train.eval_steps and config.train.save_steps
+              and config.train.save_steps % config.train.eval_steps),
+         "--keep_best_checkpoint needs --save_steps to be a multiple of --eval_steps, so checkpoints have an eval loss"),
     ]
     for ok, message in checks:
         if not ok:

@@ -24,9 +24,9 @@ from qlora_kit.memory.apply import apply_memory_settings, plan_for_run
 from qlora_kit.model.load import choose_compute_dtype, load_quantized_model, load_tokenizer
 from qlora_kit.model.lora import (add_lora, choose_lora_dtype, enable_gradient_checkpointing, log_dtype_choice,
                                   trainable_report)
-from qlora_kit.output import check_output_dir, finish_run, prepare_output_dir
+from qlora_kit.output import check_output_dir, check_resume, finish_run, prepare_output_dir, run_identity
 from qlora_kit.sources import resolve_model
-from qlora_kit.train.checkpoint import TrainState
+from qlora_kit.train.checkpoint import TrainState, check_checkpoint_space
 from qlora_kit.train.loop import total_optimizer_steps, train
 
 DEMO_PRESET = Path(__file__).resolve().parents[2] / "recipes" / "chat" / "demo.yaml"
@@ -62,6 +62,9 @@ def run(config: RunConfig) -> RunResult:
     tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
     train_data, eval_data, data_report = build_datasets(config.data, tokenizer, config.train.seed)
     logger.info(data_report.line())
+    identity = run_identity(model_dir, train_data, tokenizer.pad_token_id)  # what a resume must not change
+    if resume_dir is not None:
+        check_resume(resume_dir, config, identity)
 
     compute_dtype = choose_compute_dtype(config.model.bnb_4bit_compute_dtype, accelerator.device)
     lora_dtype = choose_lora_dtype(config.lora.lora_dtype, compute_dtype)
@@ -73,6 +76,7 @@ def run(config: RunConfig) -> RunResult:
     model = add_lora(model, config.lora, lora_dtype)
     apply_memory_settings(model, config, plan, accelerator.device)
     logger.info(trainable_report(model))
+    check_checkpoint_space(run_dir, model, config.train.optim)
 
     # The output folder: the resolved configuration and the tokenizer first.
     prepare_output_dir(run_dir, resuming=resume_dir is not None)
@@ -86,6 +90,7 @@ def run(config: RunConfig) -> RunResult:
         "memory_plan": plan and {k: v for k, v in plan.to_dict().items() if k != "rows"},
         "data": vars(data_report),
         "qlora_kit_version": qlora_kit.__version__,
+        **identity,
     })
     tokenizer.save_pretrained(run_dir)
 

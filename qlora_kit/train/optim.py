@@ -24,7 +24,9 @@ def build_optimizer(parameters: list[torch.nn.Parameter], args: TrainArguments, 
     if args.optim.startswith("paged") and device.type != "cuda":
         notice_once(f"{args.optim}: no CUDA here, so bitsandbytes runs it unpaged")
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-    return OPTIMIZERS[args.optim](parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
+    # torch's fused AdamW can skip a step on the device (found_inf), which the non-finite guard uses.
+    extra = {"fused": True} if args.optim == "adamw_torch" else {}
+    return OPTIMIZERS[args.optim](parameters, lr=args.learning_rate, weight_decay=args.weight_decay, **extra)
 
 
 def build_scheduler(optimizer, args: TrainArguments, total_steps: int):
