@@ -21,13 +21,13 @@ CPU = torch.device("cpu")
 
 def test_recipe_refuses_a_run_that_cannot_fit(tmp_path, demo_model_dir):
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "qlora_kit.recipes.chat", "--gpu_memory", "1GiB",
+    result = subprocess.run([sys.executable, "-m", "qlora_kit.recipes.chat", "--gpu_memory", "2GiB",
                              "--max_seq_length", "4096", "--output_dir", str(out)],
                             capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "8 x 4096 tokens does not fit" in errors[0] and "GPU memory" in errors[0]
-    assert "--max_seq_length" in errors[0]  # what would fit instead
+    assert "--per_device_train_batch_size" in errors[0]  # what would fit instead
     assert "checkpointed hidden states" in result.stderr  # the budget table was printed first
     assert "Traceback" not in result.stderr and not out.exists()
 

@@ -7,6 +7,9 @@ skips) from the model's config.json, prints the budget table, and
   --loss_chunk_size), warns with the plan that would fit and keeps the user's choice;
 - otherwise refuses the run with the planner's explanation of what is missing (a `UserError`,
   before anything is loaded or written).
+Decoder layers are planned to stream from host RAM only when this build has the layer streaming
+(qlora_kit/memory/stream.py); without it a run that needs streaming is refused with that said.
+tools/plan_memory.py always plans with streaming: it answers what the toolkit can fit.
 `apply_memory_settings` then sets the loss chunk size and turns activation offload on, from the plan
 or, without one, from the user's explicit settings.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 from typing import Optional
@@ -78,19 +82,25 @@ def _user_choices(config: RunConfig) -> list[str]:
     return chosen
 
 
+def streaming_available() -> bool:
+    """Whether this build can stream decoder layers from host RAM (qlora_kit/memory/stream.py)."""
+    return importlib.util.find_spec("qlora_kit.memory.stream") is not None
+
+
 def plan_for_config(config: RunConfig, compute_dtype: str, lora_dtype: str, gpu: int, host: int,
-                    free_choices: bool = False) -> MemoryPlan:
+                    free_choices: bool = False, streaming: bool = True) -> MemoryPlan:
     """Plan a parsed run configuration for `gpu` bytes of GPU memory and `host` bytes of host RAM.
 
     Args:
         free_choices: let the planner choose offload and chunk size even where the user set them.
+        streaming: let the plan stream decoder layers from host RAM.
     """
     model_config = load_model_config(config.model.model_name_or_path, config.model.trust_remote_code)
     shape = shape_from_model(meta_model(model_config, config.model.trust_remote_code), model_config)
     settings = run_settings(config, compute_dtype, lora_dtype)
     if free_choices:
         settings = dataclasses.replace(settings, offload_activations=None, loss_chunk_size=None)
-    return plan_memory(shape, settings, gpu, host, getattr(model_config, "max_position_embeddings", None))
+    return plan_memory(shape, settings, gpu, host, getattr(model_config, "max_position_embeddings", None), streaming)
 
 
 def plan_for_run(config: RunConfig, model_dir: Path, device: torch.device, compute_dtype: torch.dtype,
@@ -102,19 +112,23 @@ def plan_for_run(config: RunConfig, model_dir: Path, device: torch.device, compu
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, model_name_or_path=str(model_dir)))
     host = psutil.virtual_memory().total
     dtypes = dtype_name(compute_dtype), dtype_name(lora_dtype)
-    plan = plan_for_config(config, *dtypes, gpu, host)
+    streaming = streaming_available()
+    plan = plan_for_config(config, *dtypes, gpu, host, streaming=streaming)
     logger.info(format_table(plan, f"memory plan for {gib(gpu)} of GPU memory and {gib(host)} of host RAM:"))
     if plan.fits:
         return plan
     chosen = _user_choices(config)
     if chosen:
-        free = plan_for_config(config, *dtypes, gpu, host, free_choices=True)
+        free = plan_for_config(config, *dtypes, gpu, host, free_choices=True, streaming=streaming)
         if free.fits:
             logger.warning(f"warning: with {' '.join(chosen)}, {plan.explanation}; without them the plan fits "
                            f"with offload_activations={str(free.offload_activations).lower()}, "
                            f"loss_chunk_size={free.loss_chunk_size}. Keeping your settings.")
             return plan
-    raise UserError(f"{plan.explanation} (the memory plan above has every row)")
+    hint = ""
+    if not streaming and plan_for_config(config, *dtypes, gpu, host, free_choices=True).fits:
+        hint = "; it would fit with decoder layers streamed from host RAM, which this build cannot do yet"
+    raise UserError(f"{plan.explanation}{hint} (the memory plan above has every row)")
 
 
 def apply_memory_settings(model: nn.Module, config: RunConfig, plan: Optional[MemoryPlan],
@@ -169,6 +183,9 @@ def plan_command(argv: list[str]) -> int:
     else:
         print(format_table(plan, f"{args.model}: {compute} compute, r={config.lora.lora_r}, {config.train.optim}, "
                                  f"{gib(gpu)} of GPU memory, {gib(host)} of host RAM"))
+        if plan.streamed_layers and not streaming_available():
+            print("note: this build cannot stream decoder layers yet (qlora_kit/memory/stream.py), so the recipe "
+                  "refuses plans that need it")
     return 0 if plan.fits else 1
 
 

@@ -210,14 +210,15 @@ def _fits(shape: ModelShape, s: RunSettings, resident: int, offload: bool, chunk
     return _shortfall(shape, s, resident, offload, chunk, gpu, host) == 0
 
 
-def _candidates(shape: ModelShape, s: RunSettings) -> list[tuple[int, bool]]:
+def _candidates(shape: ModelShape, s: RunSettings, streaming: bool) -> list[tuple[int, bool]]:
     """(resident layers, offload) in order of preference: fastest first."""
     L = shape.num_layers
+    residents = range(L, -1, -1) if streaming else [L]
     if not s.gradient_checkpointing:
-        return [(r, False) for r in range(L, -1, -1)]
+        return [(r, False) for r in residents]
     if s.offload_activations is not None:
-        return [(r, s.offload_activations) for r in range(L, -1, -1)]
-    return [(L, False)] + [(r, True) for r in range(L, -1, -1)]
+        return [(r, s.offload_activations) for r in residents]
+    return [(L, False)] + [(r, True) for r in residents]
 
 
 def _largest(fits, low: int, high: int) -> int:
@@ -231,11 +232,16 @@ def _largest(fits, low: int, high: int) -> int:
 
 
 def plan_memory(shape: ModelShape, settings: RunSettings, gpu_bytes: int, host_bytes: int,
-                max_position: Optional[int] = None) -> MemoryPlan:
-    """Choose what stays on the GPU for this run on this card, and say whether it fits."""
+                max_position: Optional[int] = None, streaming: bool = True) -> MemoryPlan:
+    """Choose what stays on the GPU for this run on this card, and say whether it fits.
+
+    Args:
+        streaming: whether decoder layers may stream from host RAM (False: every layer resident).
+    """
     s = settings
     chunk = default_chunk_size(shape.vocab_size) if s.loss_chunk_size is None else s.loss_chunk_size
-    shortfalls = [(_shortfall(shape, s, r, o, chunk, gpu_bytes, host_bytes), (r, o)) for r, o in _candidates(shape, s)]
+    shortfalls = [(_shortfall(shape, s, r, o, chunk, gpu_bytes, host_bytes), (r, o))
+                  for r, o in _candidates(shape, s, streaming)]
     chosen = next((candidate for short, candidate in shortfalls if short == 0), None)
     fits = chosen is not None
     resident, offload = chosen if fits else min(shortfalls, key=lambda item: item[0])[1]
