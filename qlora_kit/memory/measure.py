@@ -26,7 +26,7 @@ from qlora_kit.config import LoraArguments, TrainArguments
 from qlora_kit.memory.budget import RunSettings
 from qlora_kit.memory.offload import enable_activation_offload
 from qlora_kit.memory.plan import GiB, plan_memory
-from qlora_kit.memory.shapes import ModelShape, _output_embedding_names, load_model_config, meta_model, shape_from_model
+from qlora_kit.memory.shapes import ModelShape, output_embedding_names, load_model_config, meta_model, shape_from_model
 from qlora_kit.model.lora import add_lora, enable_gradient_checkpointing
 from qlora_kit.train.loss import batch_loss_sum, set_loss_chunk_size
 from qlora_kit.train.optim import build_optimizer
@@ -51,7 +51,7 @@ def random_quantized_model(config: PretrainedConfig, device: torch.device, dtype
     torch.manual_seed(seed)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-    skip = _output_embedding_names(model)
+    skip = output_embedding_names(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and name not in skip:
             parent, _, child = name.rpartition(".")

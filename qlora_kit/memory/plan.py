@@ -61,6 +61,8 @@ PHASES = ("gpu, layer backward", "gpu, loss")
 
 @dataclass
 class BudgetRow:
+    """One row of the budget table: what, how many bytes, where it lives, and the arithmetic."""
+
     name: str
     bytes: int
     where: str
@@ -69,6 +71,8 @@ class BudgetRow:
 
 @dataclass
 class MemoryPlan:
+    """The plan for one run on one card; the fields are described in the module docstring."""
+
     fits: bool
     gpu_bytes: int
     resident_layers: int

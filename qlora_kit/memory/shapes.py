@@ -146,7 +146,7 @@ def _layer_index(name: str, blocks_path: str) -> Optional[int]:
     return int(name[len(prefix):].split(".")[0])
 
 
-def _output_embedding_names(model: nn.Module) -> set[str]:
+def output_embedding_names(model: nn.Module) -> set[str]:
     """Modules bitsandbytes leaves unquantized: the output embeddings (and lm_head by name)."""
     out = model.get_output_embeddings()
     names = {name for name, module in model.named_modules() if module is out and out is not None}
@@ -159,7 +159,7 @@ def shape_from_model(model: nn.Module, config: PretrainedConfig) -> ModelShape:
     projections = find_projections(model)
     if any(word in name for name in projections.mlp for word in ("experts", "moe")):
         raise UserError("the memory planner knows dense decoders only; this model has mixture-of-experts layers")
-    skip = _output_embedding_names(model)
+    skip = output_embedding_names(model)
     quantized, quantized_params = [], set()
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name not in skip:
