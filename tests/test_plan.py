@@ -77,8 +77,8 @@ def test_activation_rows_by_hand(tiny_shape):
     mlp = 3 * I * 2
     inputs = 2 * H + 2 * H + 2 * I + 7 * 8 * 2  # attention and MLP inputs, the MLP product, LoRA A outputs
     assert act.layer_saved_bytes(tiny_shape, s) == N * (norms + attention + mlp + inputs)
-    # Plain loss: bf16 logits, and 12 bytes per logit at the peak; chunked: one chunk of 16 and the gather.
-    assert act.loss_bytes(tiny_shape, s, chunk_size=0) == N * V * 14
+    # 12 bytes per logit at the peak (backward); chunked: one chunk of 16 and the gathered positions.
+    assert act.loss_bytes(tiny_shape, s, chunk_size=0) == N * V * 12
     assert act.loss_bytes(tiny_shape, s, chunk_size=16) == 16 * V * 12 + N * H * 2
 
 

@@ -23,9 +23,9 @@ Backward of a block adds its incoming gradient (d H per token) and, at the MLP, 
 gradients (2 d I per token) or one beside the dequantized down-projection weight (d x in x out, which
 bitsandbytes builds to multiply the gradient by), whichever is larger.
 
-The loss: the plain loss holds d N V of logits, their fp32 copy and its log-softmax (forward), then the
-log-softmax, its gradient and the NLL gradient (backward): 12 N V bytes at its peak (+ d N V for Gemma
-softcapping). The chunked loss holds the same for one chunk of c trained tokens: 12 c V (+ d c V), plus
+The loss: the plain loss holds d N V of logits, their fp32 copy and its log-softmax (forward, 8 + d
+bytes per logit), then the log-softmax, its gradient and the NLL gradient (backward): 12 N V bytes at
+its peak (+ d N V for Gemma's softcapping, whose tanh output is kept). The chunked loss holds the same for one chunk of c trained tokens: 12 c V (+ d c V), plus
 the trained positions' hidden states it gathers. The planner counts every position as trained
 (`trained_fraction` 1), the worst case; an assistant-only chat run trains fewer.
 """
@@ -165,7 +165,5 @@ def loss_bytes(shape: ModelShape, settings: RunSettings, chunk_size: int) -> int
     trained = int(settings.tokens * settings.trained_fraction)
     tokens = settings.tokens if chunk_size == 0 else min(chunk_size, trained)
     per_logit = 12 + (settings.compute_bytes if shape.final_logit_softcapping else 0)
-    if chunk_size == 0 and settings.compute_bytes != 4:
-        per_logit += settings.compute_bytes  # the model's own d logits stay alive beside the fp32 ones
     gathered = trained * shape.hidden_size * settings.compute_bytes if chunk_size else 0
     return tokens * shape.vocab_size * per_logit + gathered
