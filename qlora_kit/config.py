@@ -147,7 +147,30 @@ class TrainArguments:
     )
 
 
-ARGUMENT_CLASSES = (ModelArguments, LoraArguments, DataArguments, TrainArguments)
+@dataclass
+class MemoryArguments:
+    """GPU memory: the plan made from the model's config before loading, and the memory savers."""
+
+    _argument_group_name = "memory"
+
+    gpu_memory: str = _help(
+        "GPU memory to plan for: 'auto' (the card's, on a GPU), a size such as 24GiB or 80GB, or 'none'. "
+        "The plan is printed and applied; a run that cannot fit is refused with what is missing.",
+        default="auto",
+    )
+    offload_activations: Optional[bool] = _help(
+        "Keep the checkpointed hidden states in pinned host RAM, prefetched back for backward. "
+        "Unset: the plan decides (off without a plan).",
+        default=None,
+    )
+    loss_chunk_size: Optional[int] = _help(
+        "Trained tokens per chunk of the loss, so the full logits never exist; 0: the plain loss over "
+        "full logits. Unset: sized from the vocabulary (256 MiB of fp32 logits per chunk).",
+        default=None,
+    )
+
+
+ARGUMENT_CLASSES = (ModelArguments, LoraArguments, DataArguments, TrainArguments, MemoryArguments)
 
 
 @dataclass
@@ -158,11 +181,12 @@ class RunConfig:
     lora: LoraArguments
     data: DataArguments
     train: TrainArguments
+    memory: MemoryArguments = field(default_factory=MemoryArguments)
 
     def to_dict(self) -> dict[str, Any]:
         """All fields in one flat mapping, as a --config YAML holds them."""
         flat: dict[str, Any] = {}
-        for group in (self.model, self.lora, self.data, self.train):
+        for group in (self.model, self.lora, self.data, self.train, self.memory):
             flat.update(dataclasses.asdict(group))
         return flat
 
@@ -297,6 +321,16 @@ def validate(config: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    _validate_memory(config.memory)
+
+
+def _validate_memory(args: MemoryArguments) -> None:
+    from qlora_kit.memory.plan import parse_memory_size
+
+    if args.gpu_memory not in ("auto", "none"):
+        parse_memory_size(args.gpu_memory, "--gpu_memory")
+    if args.loss_chunk_size is not None and args.loss_chunk_size < 0:
+        raise UserError(f"--loss_chunk_size must be 0 (plain loss) or positive, got {args.loss_chunk_size}")
 
 
 def write_run_config(config: RunConfig, path: Path, resolved: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from qlora_kit.config import RunConfig, parse, write_run_config
 from qlora_kit.data.dataset import build_datasets
 from qlora_kit.errors import exit_on_user_error
 from qlora_kit.log import logger, setup_logging
+from qlora_kit.memory.apply import apply_memory_settings, plan_for_run
 from qlora_kit.model.load import choose_compute_dtype, load_quantized_model, load_tokenizer
 from qlora_kit.model.lora import (add_lora, choose_lora_dtype, enable_gradient_checkpointing, log_dtype_choice,
                                   trainable_report)
@@ -68,10 +69,12 @@ def run(config: RunConfig) -> RunResult:
     compute_dtype = choose_compute_dtype(config.model.bnb_4bit_compute_dtype, accelerator.device)
     lora_dtype = choose_lora_dtype(config.lora.lora_dtype, compute_dtype)
     log_dtype_choice(compute_dtype, lora_dtype)
+    plan = plan_for_run(config, model_dir, accelerator.device, compute_dtype, lora_dtype)  # None: no GPU, or --gpu_memory none
     model = load_quantized_model(model_dir, config.model, compute_dtype, accelerator.device)
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = add_lora(model, config.lora, lora_dtype)
+    apply_memory_settings(model, config, plan, accelerator.device)
     logger.info(trainable_report(model))
     check_checkpoint_space(run_dir, model, config.train.optim)
 
@@ -84,6 +87,7 @@ def run(config: RunConfig) -> RunResult:
         "quantization": {"quant_type": "nf4", "double_quant": config.model.bnb_4bit_use_double_quant},
         "total_steps": total_optimizer_steps(len(train_data), config.train),
         "device": str(accelerator.device),
+        "memory_plan": plan and {k: v for k, v in plan.to_dict().items() if k != "rows"},
         "data": vars(data_report),
         "qlora_kit_version": qlora_kit.__version__,
         **identity,

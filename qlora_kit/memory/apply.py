@@ -1,0 +1,200 @@
+"""The recipe's use of the memory plan: make it before loading, check the user's settings, apply it.
+
+`plan_for_run` plans for the card (--gpu_memory auto reads it; a size plans for that size; none
+skips) from the model's config.json, prints the budget table, and
+- returns the plan when it fits;
+- when it does not fit only because of a memory setting the user chose (--offload_activations,
+  --loss_chunk_size), warns with the plan that would fit and keeps the user's choice;
+- otherwise refuses the run with the planner's explanation of what is missing (a `UserError`,
+  before anything is loaded or written).
+Decoder layers are planned to stream from host RAM only when this build has the layer streaming
+(qlora_kit/memory/stream.py); without it a run that needs streaming is refused with that said.
+tools/plan_memory.py always plans with streaming: it answers what the toolkit can fit.
+`apply_memory_settings` then sets the loss chunk size and turns activation offload on, from the plan
+or, without one, from the user's explicit settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+from typing import Optional
+
+import psutil
+import torch
+from torch import nn
+
+from qlora_kit.config import RunConfig
+from qlora_kit.errors import UserError
+from qlora_kit.log import logger, notice_once
+from qlora_kit.memory.budget import RunSettings
+from qlora_kit.memory.offload import ActivationOffloader, enable_activation_offload
+from qlora_kit.memory.plan import MemoryPlan, format_table, gib, parse_memory_size, plan_memory
+from qlora_kit.memory.shapes import load_model_config, meta_model, shape_from_model
+from qlora_kit.train.loss import set_loss_chunk_size
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def run_settings(config: RunConfig, compute_dtype: str, lora_dtype: str) -> RunSettings:
+    """The planner's view of a run configuration."""
+    return RunSettings(
+        micro_batch_size=config.train.per_device_train_batch_size,
+        max_seq_length=config.data.max_seq_length,
+        lora_r=config.lora.lora_r,
+        lora_target_modules=config.lora.lora_target_modules,
+        lora_dropout=config.lora.lora_dropout,
+        use_dora=config.lora.use_dora,
+        optim=config.train.optim,
+        compute_dtype=compute_dtype,
+        lora_dtype=lora_dtype,
+        double_quant=config.model.bnb_4bit_use_double_quant,
+        gradient_checkpointing=config.train.gradient_checkpointing,
+        attn_implementation=config.model.attn_implementation,
+        offload_activations=config.memory.offload_activations,
+        loss_chunk_size=config.memory.loss_chunk_size,
+    )
+
+
+def gpu_memory_bytes(choice: str, device: torch.device) -> Optional[int]:
+    """The GPU memory to plan for, or None when there is no plan to make."""
+    if choice == "none":
+        return None
+    if choice != "auto":
+        return parse_memory_size(choice, "--gpu_memory")
+    if device.type != "cuda":
+        notice_once("no GPU: no memory plan (--gpu_memory auto reads the card; give a size to plan for one)")
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def _user_choices(config: RunConfig) -> list[str]:
+    chosen = []
+    if config.memory.offload_activations is not None:
+        chosen.append(f"--offload_activations {str(config.memory.offload_activations).lower()}")
+    if config.memory.loss_chunk_size is not None:
+        chosen.append(f"--loss_chunk_size {config.memory.loss_chunk_size}")
+    return chosen
+
+
+def streaming_available() -> bool:
+    """Whether this build can stream decoder layers from host RAM (qlora_kit/memory/stream.py)."""
+    return importlib.util.find_spec("qlora_kit.memory.stream") is not None
+
+
+def plan_for_config(config: RunConfig, compute_dtype: str, lora_dtype: str, gpu: int, host: int,
+                    free_choices: bool = False, streaming: bool = True) -> MemoryPlan:
+    """Plan a parsed run configuration for `gpu` bytes of GPU memory and `host` bytes of host RAM.
+
+    Args:
+        free_choices: let the planner choose offload and chunk size even where the user set them.
+        streaming: let the plan stream decoder layers from host RAM.
+    """
+    model_config = load_model_config(config.model.model_name_or_path, config.model.trust_remote_code)
+    shape = shape_from_model(meta_model(model_config, config.model.trust_remote_code), model_config)
+    settings = run_settings(config, compute_dtype, lora_dtype)
+    if free_choices:
+        settings = dataclasses.replace(settings, offload_activations=None, loss_chunk_size=None)
+    return plan_memory(shape, settings, gpu, host, getattr(model_config, "max_position_embeddings", None), streaming)
+
+
+def plan_for_run(config: RunConfig, model_dir: Path, device: torch.device, compute_dtype: torch.dtype,
+                 lora_dtype: torch.dtype) -> Optional[MemoryPlan]:
+    """Plan the run for the card from config.json alone; refuse it when nothing can fit."""
+    gpu = gpu_memory_bytes(config.memory.gpu_memory, device)
+    if gpu is None:
+        return None
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, model_name_or_path=str(model_dir)))
+    host = psutil.virtual_memory().total
+    dtypes = dtype_name(compute_dtype), dtype_name(lora_dtype)
+    streaming = streaming_available()
+    plan = plan_for_config(config, *dtypes, gpu, host, streaming=streaming)
+    logger.info(format_table(plan, f"memory plan for {gib(gpu)} of GPU memory and {gib(host)} of host RAM:"))
+    if plan.fits:
+        return plan
+    chosen = _user_choices(config)
+    if chosen:
+        free = plan_for_config(config, *dtypes, gpu, host, free_choices=True, streaming=streaming)
+        if free.fits:
+            logger.warning(f"warning: with {' '.join(chosen)}, {plan.explanation}; without them the plan fits "
+                           f"with offload_activations={str(free.offload_activations).lower()}, "
+                           f"loss_chunk_size={free.loss_chunk_size}. Keeping your settings.")
+            return plan
+    hint = ""
+    if not streaming and plan_for_config(config, *dtypes, gpu, host, free_choices=True).fits:
+        hint = "; it would fit with decoder layers streamed from host RAM, which this build cannot do yet"
+    raise UserError(f"{plan.explanation}{hint} (the memory plan above has every row)")
+
+
+def apply_memory_settings(model: nn.Module, config: RunConfig, plan: Optional[MemoryPlan],
+                          device: torch.device) -> Optional[ActivationOffloader]:
+    """Set the loss chunk size and activation offload from the plan (or the user's explicit settings)."""
+    chunk = plan.loss_chunk_size if plan is not None else config.memory.loss_chunk_size
+    if chunk is not None:
+        set_loss_chunk_size(model, chunk)
+    offload = plan.offload_activations if plan is not None else bool(config.memory.offload_activations)
+    if not offload:
+        return None
+    if not config.train.gradient_checkpointing:
+        raise UserError("--offload_activations true needs --gradient_checkpointing true (it offloads the checkpoints)")
+    if device.type != "cuda":
+        notice_once("activation offload: no GPU, so the checkpoints already live in host memory (same code path, no copies)")
+    return enable_activation_offload(model, device)
+
+
+def _planned_dtypes(config: RunConfig) -> tuple[str, str]:
+    """Compute and LoRA dtypes for planning: 'auto' means bfloat16, as on the GPUs the plan is for."""
+    compute = "bfloat16" if config.model.bnb_4bit_compute_dtype == "auto" else config.model.bnb_4bit_compute_dtype
+    if config.lora.lora_dtype != "auto":
+        return compute, config.lora.lora_dtype
+    return compute, "bfloat16" if compute == "bfloat16" else "float32"
+
+
+def plan_command(argv: list[str]) -> int:
+    """tools/plan_memory.py: print the budget table and plan (or JSON); exit 0 if it fits, 1 if not."""
+    from qlora_kit.config import parse
+
+    own = argparse.ArgumentParser(prog="python tools/plan_memory.py", add_help=False)
+    own.add_argument("--model", default=None)
+    own.add_argument("--json", action="store_true")
+    own.add_argument("--host_memory", default=None)
+    own.add_argument("-h", "--help", action="store_true")
+    args, rest = own.parse_known_args(argv)
+    if args.help:
+        print(PLAN_USAGE)
+        return 0
+    if args.model is None:
+        raise UserError("--model is required: a config.json, a model folder, a hub id or a shipped shape name")
+    config = parse(rest + ["--model_name_or_path", args.model])
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    gpu = gpu_memory_bytes(config.memory.gpu_memory, device)
+    if gpu is None:
+        raise UserError("give --gpu_memory SIZE (such as 24GiB): there is no GPU here to read")
+    host = parse_memory_size(args.host_memory, "--host_memory") if args.host_memory else psutil.virtual_memory().total
+    compute, lora = _planned_dtypes(config)
+    plan = plan_for_config(config, compute, lora, gpu, host)
+    if args.json:
+        print(json.dumps({"model": args.model, **plan.to_dict()}, indent=2))
+    else:
+        print(format_table(plan, f"{args.model}: {compute} compute, r={config.lora.lora_r}, {config.train.optim}, "
+                                 f"{gib(gpu)} of GPU memory, {gib(host)} of host RAM"))
+        if plan.streamed_layers and not streaming_available():
+            print("note: this build cannot stream decoder layers yet (qlora_kit/memory/stream.py), so the recipe "
+                  "refuses plans that need it")
+    return 0 if plan.fits else 1
+
+
+PLAN_USAGE = """usage: python tools/plan_memory.py --model PATH|HUB_ID|config.json|NAME --gpu_memory 24GiB [run fields] [--json]
+                                   [--host_memory 64GiB]
+
+The budget table and the memory plan of a QLoRA run, from the model's config.json alone (no weights).
+NAME is a shipped shape in recipes/models/ (llama-3.1-8b, llama-3.1-70b, qwen2.5-7b, qwen2.5-72b,
+mistral-7b, gemma-2-9b, smollm2-135m-instruct). Run fields are the recipe's (see
+python -m qlora_kit.recipes.chat --help): --per_device_train_batch_size, --max_seq_length, --lora_r,
+--optim, --offload_activations, --loss_chunk_size, --config YAML, ... --host_memory defaults to this
+machine's RAM. Exit code 0 when the plan fits, 1 when it does not, 2 on a bad argument."""

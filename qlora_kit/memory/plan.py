@@ -1,0 +1,337 @@
+"""The memory planner: a budget table and a plan for one GPU, from config.json alone.
+
+`plan_memory(shape, settings, gpu_bytes, host_bytes)` returns a `MemoryPlan`. Its fields, which the
+recipe and the layer streaming of the frozen base rely on:
+  fits                      bool: the chosen plan fits the card and the host RAM
+  gpu_bytes                 the card's memory the plan was made for
+  resident_layers           decoder layers whose NF4 weights stay on the GPU
+  streamed_layers           decoder layers held in pinned host RAM and streamed in for each pass
+  layers_in_flight          streamed layers on the GPU at once (one computing, one arriving), 0 if none
+  layer_bytes               bytes of the largest decoder layer (NF4 weights, their state, norms, biases)
+  offload_activations       bool: checkpointed hidden states go to pinned host RAM (memory/offload.py)
+  loss_chunk_size           trained tokens per loss chunk (0: the plain loss over full logits)
+  micro_batch_size, max_seq_length   the run's shape the plan was made for
+  predicted_peak_gpu_bytes  everything on the card at the step's peak, CUDA context included
+  predicted_allocator_bytes the same less the CUDA context and paged optimizer states: what
+                            `torch.cuda.max_memory_reserved()` should show
+  load_peak_gpu_bytes       the peak while loading (resident weights + one unquantized tensor)
+  host_ram_bytes            host RAM the plan needs (process, streamed layers, offloaded activations)
+  host_ram_available        host RAM the plan was checked against
+  max_micro_batch_size      the largest micro-batch that fits at max_seq_length with this plan (0: none)
+  max_seq_length_at_batch_1 the longest sequence that fits at micro-batch 1 (0: none)
+  rows                      the budget table: `BudgetRow(name, bytes, where, how)`; where is "gpu",
+                            "host", or "gpu, layer backward" / "gpu, loss" for the two phases of
+                            which only the larger counts at the peak
+  explanation               what was chosen and why, or what is missing
+
+The choice: keep every layer resident and activations on the GPU if that fits (fastest); else
+offload activations (one hidden state per layer crosses PCIe twice per step, cheap); else stream
+the fewest decoder layers that makes it fit (a layer's weights cross PCIe twice per step). Explicit
+user settings (offload, chunk size) are kept and only checked.
+
+The peak is static bytes (weights, LoRA weights, gradients, optimizer states) + the checkpointed
+hidden states + the larger of two phases: one layer's recompute and backward, or the final hidden
+states with the logits and loss. See budget.py and activations.py for the arithmetic of each row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from qlora_kit.errors import UserError
+
+from qlora_kit.memory import activations as act
+from qlora_kit.memory.budget import (RunSettings, adapted_linears, lora_tensor_numels, optimizer_state_bytes,
+                                     paged_state_bytes, weight_bytes)
+from qlora_kit.memory.shapes import ModelShape
+from qlora_kit.train.loss import default_chunk_size
+
+GiB = 1024**3
+MiB = 1024**2
+CUDA_CONTEXT_BYTES = 768 * MiB   # CUDA context, cuBLAS and bitsandbytes kernels: outside torch's allocator
+HOST_BASELINE_BYTES = 4 * GiB     # the Python process with torch, transformers and the CUDA libraries
+ALLOCATOR_SLACK = 0.05            # caching-allocator rounding and fragmentation, on the activations
+CUBLAS_WORKSPACES = 2 * 32 * MiB  # one 32 MiB cuBLAS workspace for the forward thread, one for autograd's
+LAYERS_IN_FLIGHT = 2
+PHASES = ("gpu, layer backward", "gpu, loss")
+
+
+@dataclass
+class BudgetRow:
+    """One row of the budget table: what, how many bytes, where it lives, and the arithmetic."""
+
+    name: str
+    bytes: int
+    where: str
+    how: str
+
+
+@dataclass
+class MemoryPlan:
+    """The plan for one run on one card; the fields are described in the module docstring."""
+
+    fits: bool
+    gpu_bytes: int
+    resident_layers: int
+    streamed_layers: int
+    layers_in_flight: int
+    layer_bytes: int
+    offload_activations: bool
+    loss_chunk_size: int
+    micro_batch_size: int
+    max_seq_length: int
+    predicted_peak_gpu_bytes: int
+    predicted_allocator_bytes: int
+    load_peak_gpu_bytes: int
+    host_ram_bytes: int
+    host_ram_available: int
+    max_micro_batch_size: int = 0
+    max_seq_length_at_batch_1: int = 0
+    rows: list[BudgetRow] = field(default_factory=list)
+    explanation: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_memory_size(text: str, field_name: str = "size") -> int:
+    """Bytes of a size such as 24GiB (binary), 80GB (decimal) or 512MiB; a unit is required."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]+)\s*", text)
+    unit = match and match.group(2).upper()
+    if not match or unit not in UNITS:
+        raise UserError(f"{field_name} must be a size with a unit, such as 24GiB, 80GB or 512MiB, got {text!r}")
+    return int(float(match.group(1)) * UNITS[unit])
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def _static_rows(shape: ModelShape, s: RunSettings, resident: int) -> list[BudgetRow]:
+    d = s.compute_bytes
+    weights = weight_bytes(shape, d, s.double_quant)
+    streamed = shape.num_layers - resident
+    largest = max(weights.per_layer)
+    linears = adapted_linears(shape, s.lora_target_modules)
+    numels = lora_tensor_numels(linears, s.lora_r, s.use_dora)
+    lora = sum(numels) * s.lora_bytes
+    per_param = weights.quantized_params and (sum(weights.per_layer) / weights.quantized_params)
+    rows = [
+        BudgetRow(f"decoder layers, {resident} of {shape.num_layers} resident", sum(weights.per_layer[:resident]), "gpu",
+                  f"NF4 {per_param:.4f} B/param (4 bits + 8-bit absmax per 64 + fp32 per 256 blocks) with norms"),
+        BudgetRow("embeddings", weights.embeddings, "gpu", f"{shape.vocab_size} x {shape.hidden_size} x {d} B"
+                  + (" (lm_head tied)" if shape.tied_embeddings else "")),
+        BudgetRow("lm_head", weights.lm_head, "gpu", f"{shape.vocab_size} x {shape.hidden_size} x {d} B"),
+        BudgetRow("final norm", weights.other, "gpu", "compute dtype"),
+        BudgetRow("LoRA weights", lora, "gpu", f"{len(linears)} layers x r={s.lora_r} x (in + out) x {s.lora_bytes} B"),
+        BudgetRow("LoRA gradients", lora, "gpu", "same shapes and dtype as the weights"),
+        BudgetRow(f"optimizer states ({s.optim})", optimizer_state_bytes(numels, s.optim, s.lora_bytes), "gpu",
+                  "2 x uint8 + fp32 absmax per 256" if s.optim.endswith("8bit") else "2 states per weight"),
+    ]
+    if streamed:
+        rows += [
+            BudgetRow(f"streaming buffers, {LAYERS_IN_FLIGHT} layers in flight", LAYERS_IN_FLIGHT * largest, "gpu",
+                      f"{LAYERS_IN_FLIGHT} x the largest layer"),
+            BudgetRow(f"streamed decoder layers ({streamed})", sum(weights.per_layer[resident:]), "host",
+                      "pinned host RAM"),
+        ]
+    return rows
+
+
+def _activation_rows(shape: ModelShape, s: RunSettings, offload: bool, chunk: int) -> list[BudgetRow]:
+    d, L, N = s.compute_bytes, shape.num_layers, s.tokens
+    one = act.checkpoint_bytes(shape, s)
+    saved = act.layer_saved_bytes(shape, s)
+    rows = []
+    if not s.gradient_checkpointing:
+        rows.append(BudgetRow("saved activations, every layer", L * (saved + one), "gpu",
+                              f"{L} x (layer input + what autograd keeps)"))
+    elif offload:
+        rows += [BudgetRow("checkpointed hidden states", L * one, "host", f"pinned: {L} x {N} tokens x {shape.hidden_size} x {d} B"),
+                 BudgetRow("offloaded hidden states in flight", 2 * one, "gpu", "2 layer inputs")]
+    else:
+        rows.append(BudgetRow("checkpointed hidden states", L * one, "gpu", f"{L} x {N} tokens x {shape.hidden_size} x {d} B"))
+    rows.append(BudgetRow("padding mask", act.attention_mask_bytes(shape, s), "gpu", "B x T x T bool"))
+    layer = act.layer_backward_bytes(shape, s) + (saved if s.gradient_checkpointing else 0)
+    rows.append(BudgetRow("one layer's recompute + backward", layer, PHASES[0],
+                          f"saved {gib(saved)} + gradients and a dequantized weight"))
+    loss = act.final_hidden_bytes(shape, s) + act.loss_bytes(shape, s, chunk)
+    how = f"full logits: {N} x {shape.vocab_size} x 12+ B" if chunk == 0 else f"chunks of {chunk} tokens x {shape.vocab_size} x 12+ B"
+    rows.append(BudgetRow("final hidden states + logits and loss", loss, PHASES[1], how))
+    return rows
+
+
+def _phase_peak(rows: list[BudgetRow]) -> int:
+    return max((r.bytes for r in rows if r.where in PHASES), default=0)
+
+
+def _slack(rows: list[BudgetRow]) -> int:
+    dynamic = sum(r.bytes for r in rows if r.where == "gpu" and ("hidden" in r.name or "activations" in r.name))
+    return int(ALLOCATOR_SLACK * (dynamic + _phase_peak(rows)))
+
+
+def budget_rows(shape: ModelShape, s: RunSettings, resident: int, offload: bool, chunk: int) -> list[BudgetRow]:
+    """The full budget table of one candidate plan."""
+    rows = _static_rows(shape, s, resident) + _activation_rows(shape, s, offload, chunk)
+    rows.append(BudgetRow("allocator slack", _slack(rows), "gpu", f"{ALLOCATOR_SLACK:.0%} of the activations"))
+    rows.append(BudgetRow("cuBLAS workspaces", CUBLAS_WORKSPACES, "gpu", "32 MiB each for the forward and backward threads"))
+    rows.append(BudgetRow("CUDA context and kernels", CUDA_CONTEXT_BYTES, "gpu", "outside torch's allocator"))
+    rows.append(BudgetRow("Python, torch and CUDA libraries", HOST_BASELINE_BYTES, "host", "the process itself"))
+    return rows
+
+
+def gpu_peak(rows: list[BudgetRow]) -> int:
+    """Bytes on the card at the step's peak: every GPU row plus the larger phase."""
+    return sum(r.bytes for r in rows if r.where == "gpu") + _phase_peak(rows)
+
+
+def host_need(rows: list[BudgetRow]) -> int:
+    return sum(r.bytes for r in rows if r.where == "host")
+
+
+def load_peak(shape: ModelShape, s: RunSettings, resident: int) -> int:
+    """Loading: the resident weights plus the largest tensor materialised unquantized before quantizing."""
+    weights = weight_bytes(shape, s.compute_bytes, s.double_quant)
+    largest = max([p.numel for p in shape.unquantized] + [q.numel for q in shape.quantized]) * s.compute_bytes
+    return sum(weights.per_layer[:resident]) + weights.embeddings + weights.lm_head + weights.other + largest + CUDA_CONTEXT_BYTES
+
+
+def _shortfall(shape: ModelShape, s: RunSettings, resident: int, offload: bool, chunk: int, gpu: int, host: int) -> int:
+    """Bytes missing for a candidate plan (GPU, loading and host together); 0 when it fits."""
+    rows = budget_rows(shape, s, resident, offload, chunk)
+    gpu_need = max(gpu_peak(rows), load_peak(shape, s, resident))
+    return max(0, gpu_need - gpu) + max(0, host_need(rows) - host)
+
+
+def _fits(shape: ModelShape, s: RunSettings, resident: int, offload: bool, chunk: int, gpu: int, host: int) -> bool:
+    return _shortfall(shape, s, resident, offload, chunk, gpu, host) == 0
+
+
+def _candidates(shape: ModelShape, s: RunSettings, streaming: bool) -> list[tuple[int, bool]]:
+    """(resident layers, offload) in order of preference: fastest first."""
+    L = shape.num_layers
+    residents = range(L, -1, -1) if streaming else [L]
+    if not s.gradient_checkpointing:
+        return [(r, False) for r in residents]
+    if s.offload_activations is not None:
+        return [(r, s.offload_activations) for r in residents]
+    return [(L, False)] + [(r, True) for r in residents]
+
+
+def _largest(fits, low: int, high: int) -> int:
+    """The largest n in [low, high] with fits(n), assuming fits is monotone; 0 if none."""
+    if not fits(low):
+        return 0
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
+def plan_memory(shape: ModelShape, settings: RunSettings, gpu_bytes: int, host_bytes: int,
+                max_position: Optional[int] = None, streaming: bool = True) -> MemoryPlan:
+    """Choose what stays on the GPU for this run on this card, and say whether it fits.
+
+    Args:
+        streaming: whether decoder layers may stream from host RAM (False: every layer resident).
+    """
+    s = settings
+    chunk = default_chunk_size(shape.vocab_size) if s.loss_chunk_size is None else s.loss_chunk_size
+    shortfalls = [(_shortfall(shape, s, r, o, chunk, gpu_bytes, host_bytes), (r, o))
+                  for r, o in _candidates(shape, s, streaming)]
+    chosen = next((candidate for short, candidate in shortfalls if short == 0), None)
+    fits = chosen is not None
+    resident, offload = chosen if fits else min(shortfalls, key=lambda item: item[0])[1]
+    rows = budget_rows(shape, s, resident, offload, chunk)
+    peak = gpu_peak(rows)
+    paged = paged_state_bytes(lora_tensor_numels(adapted_linears(shape, s.lora_target_modules), s.lora_r, s.use_dora),
+                              s.optim, s.lora_bytes)
+    largest_layer = max(weight_bytes(shape, s.compute_bytes, s.double_quant).per_layer)
+
+    def fits_with(**change) -> bool:
+        return _fits(shape, dataclasses.replace(s, **change), resident, offload, chunk, gpu_bytes, host_bytes)
+
+    plan = MemoryPlan(
+        fits=fits, gpu_bytes=gpu_bytes, resident_layers=resident, streamed_layers=shape.num_layers - resident,
+        layers_in_flight=LAYERS_IN_FLIGHT if resident < shape.num_layers else 0, layer_bytes=largest_layer,
+        offload_activations=offload, loss_chunk_size=chunk, micro_batch_size=s.micro_batch_size,
+        max_seq_length=s.max_seq_length, predicted_peak_gpu_bytes=peak,
+        predicted_allocator_bytes=peak - CUDA_CONTEXT_BYTES - paged,
+        load_peak_gpu_bytes=load_peak(shape, s, resident), host_ram_bytes=host_need(rows),
+        host_ram_available=host_bytes,
+        max_micro_batch_size=_largest(lambda b: fits_with(micro_batch_size=b), 1, 4096),
+        max_seq_length_at_batch_1=_largest(lambda t: fits_with(micro_batch_size=1, max_seq_length=t), 2,
+                                           max_position or 1 << 20),
+        rows=rows,
+    )
+    plan.explanation = explain(plan, shape)
+    return plan
+
+
+def explain(plan: MemoryPlan, shape: ModelShape) -> str:
+    """One paragraph: what the plan does, or what is missing."""
+    run = f"{plan.micro_batch_size} x {plan.max_seq_length} tokens"
+    if plan.fits:
+        parts = [f"fits: {gib(plan.predicted_peak_gpu_bytes)} of {gib(plan.gpu_bytes)} at {run}"]
+        if plan.streamed_layers:
+            parts.append(f"{plan.streamed_layers} of {shape.num_layers} decoder layers stream from host RAM")
+        if plan.offload_activations:
+            parts.append("checkpointed activations go to host RAM")
+        parts.append(f"loss in chunks of {plan.loss_chunk_size} tokens" if plan.loss_chunk_size else "plain loss")
+        return "; ".join(parts)
+    gpu_short = plan.predicted_peak_gpu_bytes - plan.gpu_bytes
+    host_short = plan.host_ram_bytes - plan.host_ram_available
+    missing = []
+    if gpu_short > 0:
+        missing.append(f"{gib(plan.predicted_peak_gpu_bytes)} of GPU memory ({gib(gpu_short)} more than the "
+                       f"{gib(plan.gpu_bytes)} planned for)")
+    if host_short > 0:
+        missing.append(f"{gib(plan.host_ram_bytes)} of host RAM ({gib(host_short)} more than the "
+                       f"{gib(plan.host_ram_available)} here)")
+    if plan.load_peak_gpu_bytes > plan.gpu_bytes:
+        missing.append(f"{gib(plan.load_peak_gpu_bytes)} of GPU memory to load")
+    how = []
+    if plan.streamed_layers == shape.num_layers:
+        how.append("every decoder layer streamed")
+    if plan.offload_activations:
+        how.append("activations offloaded")
+    text = f"{run} does not fit{' even with ' + ' and '.join(how) if how else ''}: it needs " + " and ".join(missing)
+    if plan.max_micro_batch_size:
+        text += f"; --per_device_train_batch_size {plan.max_micro_batch_size} fits at this length"
+    elif plan.max_seq_length_at_batch_1:
+        text += f"; --per_device_train_batch_size 1 --max_seq_length {plan.max_seq_length_at_batch_1} fits"
+    else:
+        text += "; no micro-batch fits on this card"
+    return text
+
+
+def format_table(plan: MemoryPlan, title: str = "") -> str:
+    """The budget table and the plan as readable text."""
+    lines = [title] if title else []
+    width = max(len(r.name) for r in plan.rows) + 2
+    larger = _phase_peak(plan.rows)
+    lines.append(f"{'':{width}}{'GiB':>9}  where")
+    for row in plan.rows:
+        if row.bytes == 0:
+            continue
+        where = row.where
+        if where in PHASES:
+            where += "" if row.bytes == larger else " (not at the peak)"
+        lines.append(f"{row.name:{width}}{row.bytes / GiB:9.3f}  {where:28}  {row.how}")
+    lines.append(f"{'GPU peak':{width}}{plan.predicted_peak_gpu_bytes / GiB:9.3f}  of {gib(plan.gpu_bytes)} "
+                 f"(torch reserved: {gib(plan.predicted_allocator_bytes)}; loading: {gib(plan.load_peak_gpu_bytes)})")
+    lines.append(f"{'host RAM':{width}}{plan.host_ram_bytes / GiB:9.3f}  of {gib(plan.host_ram_available)}")
+    lines.append(f"plan: {plan.resident_layers} resident + {plan.streamed_layers} streamed layers"
+                 f"{f' ({plan.layers_in_flight} in flight)' if plan.streamed_layers else ''}, offload_activations="
+                 f"{str(plan.offload_activations).lower()}, loss_chunk_size={plan.loss_chunk_size}; largest micro-batch at "
+                 f"{plan.max_seq_length} tokens: {plan.max_micro_batch_size}; longest sequence at batch 1: "
+                 f"{plan.max_seq_length_at_batch_1}")
+    lines.append(plan.explanation)
+    return "\n".join(lines)
