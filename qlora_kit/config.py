@@ -116,7 +116,23 @@ class TrainArguments:
     save_steps: int = _help("Save a checkpoint every N optimizer steps (0: only at the end).", default=100)
 
 
-ARGUMENT_CLASSES = (ModelArguments, LoraArguments, DataArguments, TrainArguments)
+@dataclass
+class ExportArguments:
+    """Merging the adapter into the base at the end of the run (the same merge as tools/export_merged.py)."""
+
+    _argument_group_name = "export"
+
+    export_merged: bool = _help("At the end, write the base with the adapter merged in to OUTPUT_DIR/merged.",
+                                default=False)
+    export_merge_base: Literal["nf4", "original"] = _help(
+        "nf4: merge into the dequantized NF4 weights training saw (the merged model matches the adapter model); "
+        "original: into the original weights.", default="nf4")
+    export_dtype: Literal["bfloat16", "float16", "float32"] = _help("dtype of the merged model.", default="bfloat16")
+    export_verify: bool = _help("Compare the merged model with the adapter model; writes merge_report.json.",
+                                default=False)
+
+
+ARGUMENT_CLASSES = (ModelArguments, LoraArguments, DataArguments, TrainArguments, ExportArguments)
 
 
 @dataclass
@@ -127,11 +143,12 @@ class RunConfig:
     lora: LoraArguments
     data: DataArguments
     train: TrainArguments
+    export: ExportArguments = field(default_factory=ExportArguments)
 
     def to_dict(self) -> dict[str, Any]:
         """All fields in one flat mapping, as a --config YAML holds them."""
         flat: dict[str, Any] = {}
-        for group in (self.model, self.lora, self.data, self.train):
+        for group in (self.model, self.lora, self.data, self.train, self.export):
             flat.update(dataclasses.asdict(group))
         return flat
 
