@@ -5,6 +5,7 @@ The formulas are peft's own (peft/tuners/lora/layer.py, variants.py, dora.py), c
 - DoRA: m / ||W + s * B @ A||_row * (W + s * B @ A), the norm taken over each output row;
 - embeddings: W + s * (B @ A)^T, since peft stores an embedding's A as [r, vocab].
 A GPT-2 style Conv1D weight is stored [in, out], the transpose of B @ A; `transposed` marks it.
+peft itself is not imported: its import costs seconds and the merge needs none of its code.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 
 from qlora_kit.errors import UserError
@@ -65,14 +65,17 @@ class LoraAdapter:
     def __init__(self, folder: Path):
         self.folder = folder
         config_file, weights_file = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+        if not folder.is_dir():
+            raise UserError(f"--adapter_dir {folder} does not exist; point it at a run folder")
         if not config_file.is_file() or not weights_file.is_file():
             raise UserError(f"{folder} holds no PEFT adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}); "
                             f"point --adapter_dir at a run folder")
         self.config = json.loads(config_file.read_text())
         self._check_config()
-        self._file = safe_open(str(weights_file), framework="pt", device="cpu")
+        self._weights_file = weights_file
         self.keys: dict[str, dict[str, str]] = {}
-        self._index_keys()
+        with safe_open(str(weights_file), framework="pt") as handle:
+            self._index_keys(list(handle.keys()))
 
     def _check_config(self) -> None:
         peft_type = self.config.get("peft_type")
@@ -81,9 +84,9 @@ class LoraAdapter:
         if self.config.get("lora_bias") or self.config.get("bias", "none") != "none":
             raise UserError(f"{self.folder} trains biases (bias/lora_bias set); export merges LoRA weights only")
 
-    def _index_keys(self) -> None:
+    def _index_keys(self, keys: list[str]) -> None:
         unknown = []
-        for key in self._file.keys():
+        for key in keys:
             match = KEY_PATTERN.match(key.removeprefix(PREFIX))
             if not key.startswith(PREFIX) or match is None:
                 unknown.append(key)
@@ -115,24 +118,31 @@ class LoraAdapter:
         """Whether the adapter saved a full base weight for `module` (peft saves the embeddings it adapted)."""
         return module is not None and "base_weight" in self.keys.get(module, {})
 
+    def _read(self, *keys: str) -> list[torch.Tensor]:
+        """Tensors of the adapter file, through a handle of their own (see merge.TensorSource for why)."""
+        with safe_open(str(self._weights_file), framework="pt") as handle:
+            return [handle.get_tensor(key) for key in keys]
+
     def base_weight(self, module: str) -> torch.Tensor:
         """The full base weight the adapter saved for `module`."""
-        return self._file.get_tensor(self.keys[module]["base_weight"])
+        return self._read(self.keys[module]["base_weight"])[0]
 
     def scale(self, module: str, rank: int) -> float:
         """alpha/r, or alpha/sqrt(r) with rsLoRA, with alpha from alpha_pattern where it names the module."""
         alpha = self.config.get("lora_alpha", 8)
         pattern = self.config.get("alpha_pattern") or {}
-        if pattern:
-            alpha = pattern.get(get_pattern_key(list(pattern), module), alpha)
+        for key, value in pattern.items():  # peft's get_pattern_key: the first key matching the name's end
+            if re.match(rf"(.*\.)?({key})$", module):
+                alpha = value
+                break
         return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
 
     def update(self, module: str) -> LoraUpdate:
         """Read one module's factors."""
         kinds = self.keys[module]
-        a, b = self._file.get_tensor(kinds["lora_A"]), self._file.get_tensor(kinds["lora_B"])
+        a, b, *rest = self._read(kinds["lora_A"], kinds["lora_B"], *([kinds["magnitude"]] if "magnitude" in kinds else []))
         embedding = "embedding" in kinds
-        magnitude = self._file.get_tensor(kinds["magnitude"]) if "magnitude" in kinds else None
+        magnitude = rest[0] if rest else None
         if embedding and magnitude is not None:
             raise UserError(f"{module}: export does not merge DoRA on embedding layers")
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:

@@ -19,7 +19,6 @@ import psutil
 
 from qlora_kit.errors import UserError
 from qlora_kit.log import notice_once
-from qlora_kit.train.checkpoint import _fsync_dir
 
 PARTIAL = ".partial-"
 DISK_MARGIN = 64 << 20
@@ -62,6 +61,16 @@ def _remove_stale_partials(output: Path) -> None:
         if pid.isdigit() and not psutil.pid_exists(int(pid)):
             notice_once(f"removing {folder}, left by an export that was killed")
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable. (train.checkpoint has the same helper; importing it would
+    import peft, seconds of start-up the merge has no other use for.)"""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _raise_interrupt(signum, frame):

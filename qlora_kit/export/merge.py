@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Optional, Union
@@ -31,7 +30,7 @@ from qlora_kit.export.folder import check_free_space, check_output_folder, stage
 from qlora_kit.export.layout import BaseLayout, BaseTensor, describe_base
 from qlora_kit.export.nf4 import nf4_round_trip
 from qlora_kit.export.settings import RunSettings, run_settings
-from qlora_kit.export.shards import ShardWriter, StoredTensor, TensorSpec, plan_shards, write_index
+from qlora_kit.export.shards import ShardWriter, StoredTensor, TensorSpec, fsync_files, plan_shards, write_index
 from qlora_kit.log import logger, notice_once
 
 MergeBase = Literal["nf4", "original"]
@@ -54,6 +53,7 @@ class MergeOptions:
     double_quant: Optional[bool] = None
     overwrite: bool = False
     device: str = "auto"  # auto: cuda when there is one
+    chunk_bytes: int = CHUNK_BYTES  # fp32 bytes of the row chunks the arithmetic works on
 
 
 @dataclass
@@ -118,24 +118,25 @@ def _job(tensor: BaseTensor, name: str, update: Optional[str], options: MergeOpt
 
 
 class TensorSource:
-    """Reads base tensors (whole or by rows) through safetensors' `safe_open`, one handle per shard."""
+    """Reads base tensors, whole or by rows, through safetensors' `safe_open`.
 
-    def __init__(self, stack: ExitStack):
-        self._stack = stack
-        self._handles: dict[Path, object] = {}
+    The tensors safe_open returns are backed by its memory map, and every page touched stays mapped,
+    counted in the process's RSS, while the handle is open: held across a shard, a handle would
+    grow RSS to the shard's size. So each read opens its own handle (parsing a header costs well
+    under a millisecond), and a page is unmapped as soon as the tensor read from it is dropped.
+    """
 
-    def handle(self, stored: StoredTensor):
-        if stored.file not in self._handles:
-            self._handles[stored.file] = self._stack.enter_context(safe_open(str(stored.file), framework="pt"))
-        return self._handles[stored.file]
+    @staticmethod
+    def whole(stored: StoredTensor) -> torch.Tensor:
+        with safe_open(str(stored.file), framework="pt") as handle:
+            return handle.get_tensor(stored.spec.name)
 
-    def whole(self, stored: StoredTensor) -> torch.Tensor:
-        return self.handle(stored).get_tensor(stored.spec.name)
-
-    def rows(self, stored: StoredTensor, start: int, stop: int) -> torch.Tensor:
+    @staticmethod
+    def rows(stored: StoredTensor, start: int, stop: int) -> torch.Tensor:
         if len(stored.spec.shape) == 0:
-            return self.whole(stored)
-        return self.handle(stored).get_slice(stored.spec.name)[start:stop]
+            return TensorSource.whole(stored)
+        with safe_open(str(stored.file), framework="pt") as handle:
+            return handle.get_slice(stored.spec.name)[start:stop]
 
 
 def row_ranges(shape: tuple[int, ...], chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, int]]:
@@ -177,7 +178,8 @@ class Merger:
             raise UserError(f"{job.update}: the adapter's shape {update.stored_shape(job.source.transposed)} does not "
                             f"match the base tensor {stored.spec.name} {tuple(stored.spec.shape)}")
         factor = self._dora_factor(job, rows, update) if update is not None and update.magnitude is not None else None
-        for start, stop in row_ranges(stored.spec.shape):
+        # A held base tensor (re-quantized) may be updated in place below: each row range is visited once.
+        for start, stop in row_ranges(stored.spec.shape, self.options.chunk_bytes):
             values = self._fp32_rows(rows(start, stop), job)
             if update is not None:
                 values += update.delta_rows(start, stop, job.source.transposed)
@@ -209,7 +211,7 @@ class Merger:
         shape = job.source.stored.spec.shape
         out_features = shape[1] if job.source.transposed else shape[0]
         squares = torch.zeros(out_features, dtype=torch.float32, device=self.device)
-        for start, stop in row_ranges(shape):
+        for start, stop in row_ranges(shape, self.options.chunk_bytes):
             values = self._fp32_rows(rows(start, stop), job) + update.delta_rows(start, stop, job.source.transposed)
             if job.source.transposed:
                 squares += values.square().sum(dim=0)
@@ -260,11 +262,11 @@ def export_merged(options: MergeOptions) -> MergeResult:
     byte is written, and nothing named `output_dir` exists until the model is complete.
     """
     started = time.perf_counter()
+    adapter = LoraAdapter(options.adapter_dir)
     settings = run_settings(options.adapter_dir, options.base_model, options.compute_dtype, options.double_quant)
     device = choose_device(options.device)
     check_output_folder(options.output_dir, {"base model": settings.base_dir, "adapter": options.adapter_dir},
                         options.overwrite)
-    adapter = LoraAdapter(options.adapter_dir)
     base = describe_base(settings.base_dir, settings.compute_dtype, settings.double_quant, settings.trust_remote_code)
     jobs, untie = plan_jobs(base, adapter, options, settings)
     _say_choices(options, settings, device)
@@ -272,8 +274,8 @@ def export_merged(options: MergeOptions) -> MergeResult:
     total = sum(job.spec.nbytes for job in jobs)
     check_free_space(options.output_dir, total)
     by_name = {job.spec.name: job for job in jobs}
-    with staged_output(options.output_dir) as partial, ExitStack() as stack:
-        source = TensorSource(stack)
+    with staged_output(options.output_dir) as partial:
+        source = TensorSource()
         merger = Merger(source, adapter, settings, options, device)
         for filename, specs in shards.items():
             _write_shard(partial / filename, [by_name[spec.name] for spec in specs], merger, source)
@@ -281,6 +283,7 @@ def export_merged(options: MergeOptions) -> MergeResult:
         config = merged_config(base.config, options.dtype, untie)
         (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copy_side_files(options.adapter_dir, settings.base_dir, partial)
+        fsync_files(partial)
     seconds = time.perf_counter() - started
     logger.info(f"merged {len(adapter.lora_modules)} LoRA modules into {options.output_dir} "
                 f"({total / 1e9:.2f} GB, {len(shards)} shard(s), {seconds:.1f} s on {device.type})")

@@ -40,3 +40,31 @@ def nf4_round_trip(weight: torch.Tensor, compute_dtype: torch.dtype, double_quan
     del oriented
     restored = bnb_functional.dequantize_4bit(packed, state)
     return restored.T if conv1d else restored
+
+
+def compare_with_loader(model_dir, compute_dtype: torch.dtype, double_quant: bool, device: torch.device) -> dict:
+    """Load `model_dir` as training does and check every 4-bit layer against `nf4_round_trip` of its checkpoint tensor.
+
+    Returns:
+        {"layers": how many were compared, "equal": how many matched bit for bit, "compute_dtype": ...}.
+    """
+    from safetensors import safe_open
+
+    from qlora_kit.config import ModelArguments
+    from qlora_kit.export.layout import describe_base
+    from qlora_kit.model.load import load_quantized_model
+
+    layout = describe_base(model_dir, compute_dtype, double_quant)
+    args = ModelArguments(model_name_or_path=str(model_dir), bnb_4bit_use_double_quant=double_quant)
+    model = load_quantized_model(model_dir, args, compute_dtype, device)
+    compared = equal = 0
+    for tensor in layout.tensors:
+        if not tensor.quantized:
+            continue
+        weight = model.get_submodule(tensor.module).weight
+        loaded = bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+        with safe_open(str(tensor.stored.file), framework="pt") as handle:
+            ours = nf4_round_trip(handle.get_tensor(tensor.name), compute_dtype, double_quant, tensor.transposed, device)
+        compared += 1
+        equal += int(torch.equal(loaded, ours.T if tensor.transposed else ours))
+    return {"layers": compared, "equal": equal, "compute_dtype": str(compute_dtype).removeprefix("torch.")}

@@ -20,8 +20,9 @@ from qlora_kit.errors import UserError
 from qlora_kit.export.adapter import ADAPTER_CONFIG
 from qlora_kit.log import notice_once
 from qlora_kit.model.load import DTYPES
-from qlora_kit.output import RUN_MARKER
 from qlora_kit.sources import resolve_model
+
+RUN_MARKER = "run_config.yaml"  # as qlora_kit.output names it (not imported: it would import peft for nothing)
 
 
 @dataclass

@@ -99,7 +99,8 @@ class ShardWriter:
     """Writes one safetensors file: the header at once, then each tensor's bytes in header order.
 
     Use as a context manager; leaving it without having written every tensor raises, so a file
-    that looks complete always is.
+    that looks complete always is. The file is not fsynced here: the kernel writes it back while
+    the next shard is computed, and the caller syncs every file at the end (`fsync_files`).
     """
 
     def __init__(self, path: Path, specs: Iterable[TensorSpec], metadata: Optional[dict[str, str]] = None):
@@ -167,10 +168,16 @@ class ShardWriter:
             if exc_type is None:
                 if self._next != len(self.specs):
                     raise ValueError(f"{self.path.name}: {self.specs[self._next].name} and later tensors were not written")
-                handle.flush()
-                os.fsync(handle.fileno())
         finally:
             handle.close()
+
+
+def fsync_files(folder: Path) -> None:
+    """Flush every file of a folder to disk."""
+    for file in sorted(folder.iterdir()):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
 
 
 def _copy_file_range(source: BinaryIO, target: BinaryIO, offset: int, length: int) -> int:
