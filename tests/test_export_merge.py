@@ -31,7 +31,9 @@ def merge(run, out, **options):
 
 @pytest.mark.parametrize("architecture, compute_dtype", [
     ("llama", torch.float32), ("llama", torch.bfloat16), ("gpt2", torch.float32), ("phi3", torch.bfloat16)])
-def test_nf4_base_is_bit_for_bit_what_the_loaded_4bit_layers_hold(tmp_path, architecture, compute_dtype):
+@pytest.mark.parametrize("chunk_elements", [64 * 3, 1 << 24])  # quantized a few blocks at a time, or whole
+def test_nf4_base_is_bit_for_bit_what_the_loaded_4bit_layers_hold(tmp_path, architecture, compute_dtype,
+                                                                  chunk_elements):
     folder = save_tiny_model(tmp_path / architecture, architecture)
     model = load_quantized_model(folder, ModelArguments(model_name_or_path=str(folder)), compute_dtype, CPU)
     layers = {name: module for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
@@ -40,7 +42,8 @@ def test_nf4_base_is_bit_for_bit_what_the_loaded_4bit_layers_hold(tmp_path, arch
         for name, layer in layers.items():
             loaded = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
             conv1d = architecture == "gpt2"
-            ours = nf4_round_trip(checkpoint.get_tensor(name + ".weight"), compute_dtype, True, conv1d, CPU)
+            ours = nf4_round_trip(checkpoint.get_tensor(name + ".weight"), compute_dtype, True, conv1d, CPU,
+                                  chunk_elements)
             assert torch.equal(ours.T if conv1d else ours, loaded), name
 
 
@@ -111,3 +114,12 @@ def test_sharded_bf16_output_is_an_ordinary_model_folder(tmp_path, demo_tokenize
     with torch.no_grad():
         diff = (merged.float()(input_ids=IDS).logits - logits(adapted)).abs().mean()
     assert diff < 0.05  # bf16 rounding of the merged weights only
+
+
+@pytest.mark.gpu
+def test_nf4_base_on_cuda_is_bit_for_bit_what_the_loaded_4bit_layers_hold(tmp_path):
+    from qlora_kit.export.nf4 import compare_with_loader
+
+    folder = save_tiny_model(tmp_path / "llama", "llama")
+    result = compare_with_loader(folder, torch.bfloat16, True, torch.device("cuda"))
+    assert result["layers"] == result["equal"] > 0

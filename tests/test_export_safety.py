@@ -72,6 +72,7 @@ def test_refuses_a_non_empty_folder_without_overwrite_and_replaces_it_with(run, 
     (lambda tmp, run: ["--adapter_dir", str(tmp)], "holds no PEFT adapter"),
     (lambda tmp, run: ["--adapter_dir", str(run), "--base_model", str(tmp / "nowhere")], "does not exist"),
     (lambda tmp, run: ["--adapter_dir", str(run), "--merge_base", "int8"], "invalid choice"),
+    (lambda tmp, run: ["--adapter_dir", str(run), "--max_shard_size", "big"], "is not a size"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(run, capsys, tmp_path, make_args, expected):
     out = tmp_path / "merged"
@@ -122,8 +123,7 @@ def slow_run(tmp_path_factory):
     return write_random_run(folder / "run", base, compute_dtype="float32")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-@pytest.mark.parametrize("earlier_output", [False, True])
+@pytest.mark.parametrize("sig, earlier_output", [(signal.SIGINT, False), (signal.SIGTERM, True)])
 def test_an_interrupted_export_leaves_no_output_folder(slow_run, tmp_path, sig, earlier_output):
     out = tmp_path / "merged"
     if earlier_output:

@@ -11,7 +11,6 @@ from qlora_kit.config import ExportArguments, _help, _Parser
 from qlora_kit.errors import exit_on_user_error
 from qlora_kit.export.merge import MergeOptions, MergeResult, choose_device, export_merged
 from qlora_kit.export.settings import run_settings
-from qlora_kit.export.verify import verify_merge
 from qlora_kit.log import setup_logging
 from qlora_kit.model.load import DTYPES
 
@@ -60,6 +59,8 @@ def merge_and_verify(options: MergeOptions, verify: bool) -> MergeResult:
     """Export, then (if asked) compare the merged model with the adapter model."""
     result = export_merged(options)
     if verify:
+        from qlora_kit.export.verify import verify_merge  # imports peft: only when asked
+
         settings = run_settings(options.adapter_dir, options.base_model, options.compute_dtype, options.double_quant)
         verify_merge(options.adapter_dir, options.output_dir, settings, options.merge_base, options.dtype,
                      choose_device(options.device))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Optional, Union
 
@@ -35,6 +35,7 @@ from qlora_kit.log import logger, notice_once
 
 MergeBase = Literal["nf4", "original"]
 CHUNK_BYTES = 64 << 20  # fp32 bytes of one row chunk
+NF4_BYTES_PER_WEIGHT = 8  # CPU quantization temporaries per weight, ~16 bytes, count half a chunk's worth
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "chat_template.*", "added_tokens.json", "vocab.*",
                    "merges.txt", "*.model", "*.tiktoken")
 
@@ -75,7 +76,6 @@ class MergeResult:
     merged_modules: int
     largest_tensor_bytes: int
     device: str
-    notes: list[str] = field(default_factory=list)
 
 
 def choose_device(choice: str) -> torch.device:
@@ -90,8 +90,7 @@ def _lossless(source: torch.dtype, via: torch.dtype) -> bool:
     return source == via or (via == torch.float32 and source in (torch.bfloat16, torch.float16))
 
 
-def plan_jobs(base: BaseLayout, adapter: LoraAdapter, options: MergeOptions,
-              settings: RunSettings) -> tuple[list[TensorJob], bool]:
+def plan_jobs(base: BaseLayout, adapter: LoraAdapter, options: MergeOptions) -> tuple[list[TensorJob], bool]:
     """One job per output tensor, in base file order; also whether tied embeddings must be untied."""
     modules = {name + ".weight": name for name in adapter.lora_modules}
     stored = set(base.by_model_name) | ({base.output_embedding} if base.tied else set())
@@ -197,7 +196,7 @@ class Merger:
         if job.requantize:
             s = self.settings
             return nf4_round_trip(self.source.whole(job.source.stored), s.compute_dtype, s.double_quant,
-                                  job.source.transposed, self.device)
+                                  job.source.transposed, self.device, self.options.chunk_bytes // NF4_BYTES_PER_WEIGHT)
         return None
 
     def _fp32_rows(self, values: torch.Tensor, job: TensorJob) -> torch.Tensor:
@@ -268,9 +267,12 @@ def export_merged(options: MergeOptions) -> MergeResult:
     check_output_folder(options.output_dir, {"base model": settings.base_dir, "adapter": options.adapter_dir},
                         options.overwrite)
     base = describe_base(settings.base_dir, settings.compute_dtype, settings.double_quant, settings.trust_remote_code)
-    jobs, untie = plan_jobs(base, adapter, options, settings)
+    jobs, untie = plan_jobs(base, adapter, options)
     _say_choices(options, settings, device)
-    shards = plan_shards([job.spec for job in jobs], options.max_shard_size)
+    try:
+        shards = plan_shards([job.spec for job in jobs], options.max_shard_size)
+    except ValueError:
+        raise UserError(f"--max_shard_size {options.max_shard_size} is not a size like 5GB or 500MB") from None
     total = sum(job.spec.nbytes for job in jobs)
     check_free_space(options.output_dir, total)
     by_name = {job.spec.name: job for job in jobs}

@@ -5,41 +5,80 @@ projection weight is first cast to the model's dtype, which is the compute dtype
 Conv1D weight, stored [in, out], is transposed to [out, in]; then bitsandbytes' `Params4bit` moves
 it to the device, which calls `quantize_4bit` on the contiguous tensor with blocksize 64 (its
 default), quant_type nf4, compress_statistics = double quantization and quant_storage uint8. The
-same call on the same kind of device gives the same bytes, and `dequantize_4bit` of them gives, bit
-for bit, the weights the 4-bit layers computed with during training.
+same computation on the same kind of device gives the same bytes, and `dequantize_4bit` of them
+gives, bit for bit, the weights the 4-bit layers computed with during training.
+
+On CUDA `quantize_4bit` is called as it is. On the CPU its implementation is plain torch that makes
+fp32 and int32 temporaries of the whole tensor (about 16 bytes per weight, 8x a bf16 tensor), so
+here the same per-block op (`torch.ops.bitsandbytes.quantize_4bit`) runs on row chunks whose sizes
+are whole 64-weight blocks, and the double-quantized state is then built from all block scales as
+`quantize_4bit` builds it. Blocks are independent, so the bytes are the same; the tests check it.
 """
 
 from __future__ import annotations
+
+import math
 
 import bitsandbytes.functional as bnb_functional
 import torch
 
 BLOCKSIZE = 64  # bitsandbytes' Params4bit default, which transformers does not override
+NESTED_BLOCKSIZE = 256  # quantize_4bit's blocksize for the block scales
+CHUNK_ELEMENTS = 8 << 20
 
 
 def nf4_round_trip(weight: torch.Tensor, compute_dtype: torch.dtype, double_quant: bool, conv1d: bool,
-                   device: torch.device) -> torch.Tensor:
+                   device: torch.device, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """dequant(quant(W)) in `compute_dtype` on `device`, returned in the checkpoint's own layout.
 
     Args:
         weight: the checkpoint tensor (any float dtype); the caller should hold no other reference,
-            so its memory is freed as soon as it is cast.
+            so its memory is freed once it is quantized.
         compute_dtype: the dtype the run loaded the base in.
         double_quant: whether the block scales were quantized too.
         conv1d: the tensor is a GPT-2 Conv1D weight, stored [in, out].
         device: where to quantize (cuda when training ran on a GPU).
+        chunk_elements: on the CPU, about how many weights are quantized at a time.
     """
-    oriented = weight.to(device=device, dtype=compute_dtype)
-    del weight
-    if conv1d:
-        oriented = oriented.T
-    oriented = oriented.contiguous()
-    packed, state = bnb_functional.quantize_4bit(
-        oriented, blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type="nf4", quant_storage=torch.uint8
-    )
-    del oriented
+    if device.type == "cpu":
+        packed, state = _quantize_in_chunks(weight, compute_dtype, double_quant, conv1d, chunk_elements)
+        del weight
+    else:
+        weight = weight.to(device=device, dtype=compute_dtype)
+        weight = (weight.T if conv1d else weight).contiguous()
+        packed, state = bnb_functional.quantize_4bit(
+            weight, blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type="nf4", quant_storage=torch.uint8)
+        del weight
     restored = bnb_functional.dequantize_4bit(packed, state)
     return restored.T if conv1d else restored
+
+
+def _quantize_in_chunks(weight: torch.Tensor, compute_dtype: torch.dtype, double_quant: bool, conv1d: bool,
+                        chunk_elements: int):
+    """quantize_4bit of the [out, in] weight, a few rows at a time (each chunk a whole number of blocks)."""
+    rows, columns = (weight.shape[1], weight.shape[0]) if conv1d else (weight.shape[0], weight.numel() // weight.shape[0])
+    if weight.ndim != 2 or rows * columns <= chunk_elements:
+        step = rows
+    else:
+        unit = BLOCKSIZE // math.gcd(columns, BLOCKSIZE)  # rows per whole number of blocks
+        step = max(unit, chunk_elements // columns // unit * unit)
+    packed_parts, absmax_parts = [], []
+    for start in range(0, rows, step):
+        part = weight[:, start:start + step].T if conv1d else weight[start:start + step]
+        part = part.to(compute_dtype).contiguous()
+        packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default(part, BLOCKSIZE, "nf4", torch.uint8)
+        packed_parts.append(packed)
+        absmax_parts.append(absmax)
+    packed, absmax = torch.cat(packed_parts), torch.cat(absmax_parts)
+    shape = torch.Size((rows, columns)) if weight.ndim == 2 else weight.shape
+    code = bnb_functional.get_4bit_type("nf4", device=packed.device)
+    if not double_quant:
+        return packed, bnb_functional.QuantState(absmax=absmax, shape=shape, dtype=compute_dtype, blocksize=BLOCKSIZE,
+                                                 code=code, quant_type="nf4")
+    offset = absmax.mean()
+    nested, nested_state = bnb_functional.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+    return packed, bnb_functional.QuantState(absmax=nested, shape=shape, dtype=compute_dtype, blocksize=BLOCKSIZE,
+                                             code=code, quant_type="nf4", offset=offset, state2=nested_state)
 
 
 def compare_with_loader(model_dir, compute_dtype: torch.dtype, double_quant: bool, device: torch.device) -> dict:

@@ -55,9 +55,8 @@ class LogitAgreement:
     positions: int
 
 
-def agreement(first: list[torch.Tensor], second: list[torch.Tensor]) -> LogitAgreement:
-    """Compare per-chat logits [T, V] of two models."""
-    a, b = torch.cat(first), torch.cat(second)
+def agreement(a: torch.Tensor, b: torch.Tensor) -> LogitAgreement:
+    """Compare two models' logits [positions, V]."""
     diff = (a - b).abs()
     return LogitAgreement(
         top1_agreement=(a.argmax(-1) == b.argmax(-1)).float().mean().item(),
@@ -72,19 +71,36 @@ def within_floor(merged: LogitAgreement, floor: LogitAgreement) -> bool:
             and merged.top1_agreement >= floor.top1_agreement - FLOOR_TOP1_SLACK)
 
 
-def chat_inputs(tokenizer) -> list[torch.Tensor]:
-    """The fixed chats rendered with the model's chat template, one [1, T] tensor each."""
+@dataclass
+class ChatBatch:
+    """The fixed chats as one right-padded batch: padding on the right leaves every real position's logits
+    as they are without it, and one forward pass costs far less than one per chat (the 4-bit CPU kernel
+    dequantizes every layer on every call)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+def chat_batch(tokenizer) -> ChatBatch:
+    """The fixed chats rendered with the model's chat template."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise UserError("the tokenizer has no chat template; --verify runs chat turns through it")
-    return [torch.tensor([tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]])
-            for chat in CHATS]
+    rows = [tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"] for chat in CHATS]
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    return ChatBatch(ids, mask)
 
 
 @torch.no_grad()
-def chat_logits(model, inputs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """fp32 logits [T, V] of each chat, on the CPU."""
+def chat_logits(model, batch: ChatBatch, device: torch.device) -> torch.Tensor:
+    """fp32 logits [positions, V] of every real (unpadded) position, on the CPU."""
     model.eval()
-    return [model(input_ids=ids.to(device)).logits[0].float().cpu() for ids in inputs]
+    logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+    return logits.float().cpu()[batch.attention_mask.bool()]
 
 
 def _free(*models) -> None:
@@ -99,7 +115,7 @@ def verify_merge(adapter_dir: Path, merged_dir: Path, settings: RunSettings, mer
     """Run the comparison, print it, and save it as merged_dir/merge_report.json."""
     if not any(merged_dir.glob("tokenizer*")):
         raise UserError(f"{merged_dir} has no tokenizer; --verify needs one to render chat turns")
-    inputs = chat_inputs(load_tokenizer(merged_dir, settings.trust_remote_code))
+    inputs = chat_batch(load_tokenizer(merged_dir, settings.trust_remote_code))
     model_args = ModelArguments(model_name_or_path=str(settings.base_dir), trust_remote_code=settings.trust_remote_code,
                                 bnb_4bit_use_double_quant=settings.double_quant,
                                 attn_implementation=settings.attn_implementation)
