@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -26,10 +27,12 @@ def perturb_adapter(model, seed: int = 1) -> None:
 
 
 def make_run(folder: Path, architecture: str = "llama", compute_dtype: torch.dtype = torch.float32,
-             base_dtype: torch.dtype = torch.bfloat16, tokenizer=None, tie_word_embeddings=None, **lora):
-    """Write folder/base and folder/run; return (base_dir, run_dir, the adapter model in eval mode)."""
-    overrides = {} if tie_word_embeddings is None else {"tie_word_embeddings": tie_word_embeddings}
-    base = save_tiny_model(folder / "base", architecture, dtype=base_dtype, **overrides)
+             base_dtype: torch.dtype = torch.bfloat16, tokenizer=None, model_overrides: Optional[dict] = None, **lora):
+    """Write folder/base and folder/run; return (base_dir, run_dir, the adapter model in eval mode).
+
+    `model_overrides` change the tiny model's config; `lora` the LoraArguments.
+    """
+    base = save_tiny_model(folder / "base", architecture, dtype=base_dtype, **(model_overrides or {}))
     model_args = ModelArguments(model_name_or_path=str(base))
     model = load_quantized_model(base, model_args, compute_dtype, CPU)
     lora_args = LoraArguments(**{"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, **lora})

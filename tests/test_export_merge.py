@@ -89,7 +89,8 @@ def test_nf4_and_original_bases_differ_by_the_quantization_error(tmp_path):
 
 @pytest.mark.parametrize("targets, tied_after", [("q_proj,v_proj", True), ("q_proj,embed_tokens,lm_head", False)])
 def test_tied_embeddings(tmp_path, targets, tied_after):
-    base, run, adapted = make_run(tmp_path, "llama", tie_word_embeddings=True, lora_target_modules=targets)
+    base, run, adapted = make_run(tmp_path, "llama", model_overrides={"tie_word_embeddings": True},
+                                      lora_target_modules=targets)
     out = merge(run, tmp_path / "merged", dtype=torch.float32)
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is tied_after

@@ -142,3 +142,12 @@ def test_an_interrupted_export_leaves_no_output_folder(slow_run, tmp_path, sig, 
     assert [p.name for p in tmp_path.iterdir()] == (["merged"] if earlier_output else [])
     if earlier_output:
         assert snapshot(out) == {Path("config.json"): b"{}"}
+
+
+def test_an_adapter_whose_shapes_do_not_fit_the_base_is_refused_before_writing(capsys, tmp_path):
+    _, run_dir, _ = make_run(tmp_path / "a", "llama")
+    other, _, _ = make_run(tmp_path / "b", "llama", model_overrides={"intermediate_size": 96})
+    code, errors = export(capsys, "--adapter_dir", str(run_dir), "--base_model", str(other),
+                          "--output_dir", str(tmp_path / "merged"))
+    assert code == 2 and "does not fit the base weight" in errors[0], errors
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged*"))

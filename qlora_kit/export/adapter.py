@@ -54,9 +54,6 @@ class LoraUpdate:
             return (self.a[:, start:stop].T @ self.b.T).mul_(self.scale)
         return (self.b[start:stop] @ self.a).mul_(self.scale)
 
-    def stored_shape(self, transposed: bool) -> tuple[int, int]:
-        out_features, in_features = self.b.shape[0], self.a.shape[1]
-        return (in_features, out_features) if transposed or self.embedding else (out_features, in_features)
 
 
 class LoraAdapter:
@@ -137,15 +134,28 @@ class LoraAdapter:
                 break
         return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
 
+    def check_fits(self, module: str, base_shape: tuple[int, ...], transposed: bool) -> None:
+        """Refuse, before anything is written, an update that does not fit the base tensor it changes.
+
+        Only the safetensors header is read.
+        """
+        kinds = self.keys[module]
+        with safe_open(str(self._weights_file), framework="pt") as handle:
+            shapes = {kind: tuple(handle.get_slice(kinds[kind]).get_shape())
+                      for kind in ("lora_A", "lora_B", "magnitude", "base_weight") if kind in kinds}
+        a, b = shapes["lora_A"], shapes["lora_B"]
+        if "embedding" in kinds and "magnitude" in kinds:
+            raise UserError(f"{module}: export does not merge DoRA on embedding layers")
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+            raise UserError(f"{module}: LoRA factors of shapes {a} and {b} do not fit together; "
+                            f"export merges linear and embedding layers only")
+        delta = (a[1], b[0]) if transposed or "embedding" in kinds else (b[0], a[1])
+        if delta != tuple(base_shape) or shapes.get("base_weight", delta) != delta:
+            raise UserError(f"{module}: the adapter's update of shape {delta} does not fit the base weight "
+                            f"{tuple(base_shape)}; is the base model the one it was trained on?")
+
     def update(self, module: str) -> LoraUpdate:
-        """Read one module's factors."""
+        """Read one module's factors (checked by `check_fits`)."""
         kinds = self.keys[module]
         a, b, *rest = self._read(kinds["lora_A"], kinds["lora_B"], *([kinds["magnitude"]] if "magnitude" in kinds else []))
-        embedding = "embedding" in kinds
-        magnitude = rest[0] if rest else None
-        if embedding and magnitude is not None:
-            raise UserError(f"{module}: export does not merge DoRA on embedding layers")
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise UserError(f"{module}: LoRA factors of shapes {tuple(a.shape)} and {tuple(b.shape)} do not fit; "
-                            f"export merges linear and embedding layers only")
-        return LoraUpdate(module, a, b, self.scale(module, a.shape[0]), magnitude, embedding)
+        return LoraUpdate(module, a, b, self.scale(module, a.shape[0]), rest[0] if rest else None, "embedding" in kinds)

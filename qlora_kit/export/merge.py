@@ -106,6 +106,9 @@ def plan_jobs(base: BaseLayout, adapter: LoraAdapter, options: MergeOptions) -> 
         if base.output_embedding not in base.by_model_name:  # the usual case: only the input one is stored
             embedding = base.by_model_name[base.input_embedding]
             jobs.append(_job(embedding, base.output_embedding, modules.get(base.output_embedding), options))
+    for job in jobs:
+        if job.update is not None:
+            adapter.check_fits(job.update, job.source.stored.spec.shape, job.source.transposed)
     return jobs, untie
 
 
@@ -173,9 +176,6 @@ class Merger:
         base = self._base_tensor(job)
         rows = (lambda a, b: base[a:b]) if base is not None else (lambda a, b: self.source.rows(stored, a, b))
         update = self.adapter.update(job.update).to(self.device) if job.update else None
-        if update is not None and update.stored_shape(job.source.transposed) != tuple(stored.spec.shape):
-            raise UserError(f"{job.update}: the adapter's shape {update.stored_shape(job.source.transposed)} does not "
-                            f"match the base tensor {stored.spec.name} {tuple(stored.spec.shape)}")
         factor = self._dora_factor(job, rows, update) if update is not None and update.magnitude is not None else None
         # A held base tensor (re-quantized) may be updated in place below: each row range is visited once.
         for start, stop in row_ranges(stored.spec.shape, self.options.chunk_bytes):
@@ -189,15 +189,12 @@ class Merger:
     def _base_tensor(self, job: TensorJob) -> Optional[torch.Tensor]:
         """The whole base tensor when it must be held: re-quantized, or replaced by the adapter's saved copy."""
         saved = self.adapter.base_weight(job.source.module) if self.adapter.has_base_weight(job.source.module) else None
-        if saved is not None:
-            if tuple(saved.shape) != tuple(job.source.stored.spec.shape):
-                raise UserError(f"the adapter resized {job.source.name} to {tuple(saved.shape)}; export cannot merge it")
+        if not job.requantize:
             return saved
-        if job.requantize:
-            s = self.settings
-            return nf4_round_trip(self.source.whole(job.source.stored), s.compute_dtype, s.double_quant,
-                                  job.source.transposed, self.device, self.options.chunk_bytes // NF4_BYTES_PER_WEIGHT)
-        return None
+        s, elements = self.settings, self.options.chunk_bytes // NF4_BYTES_PER_WEIGHT
+        # The read tensor is passed on without a name here, so nf4_round_trip can free it before dequantizing.
+        return nf4_round_trip(saved if saved is not None else self.source.whole(job.source.stored), s.compute_dtype,
+                              s.double_quant, job.source.transposed, self.device, elements)
 
     def _fp32_rows(self, values: torch.Tensor, job: TensorJob) -> torch.Tensor:
         values = values.to(self.device)
@@ -280,7 +277,7 @@ def export_merged(options: MergeOptions) -> MergeResult:
         source = TensorSource()
         merger = Merger(source, adapter, settings, options, device)
         for filename, specs in shards.items():
-            _write_shard(partial / filename, [by_name[spec.name] for spec in specs], merger, source)
+            _write_shard(partial / filename, [by_name[spec.name] for spec in specs], merger)
         write_index(partial, shards)
         config = merged_config(base.config, options.dtype, untie)
         (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -293,7 +290,7 @@ def export_merged(options: MergeOptions) -> MergeResult:
                        base.largest_tensor_bytes, device.type)
 
 
-def _write_shard(path: Path, jobs: list[TensorJob], merger: Merger, source: TensorSource) -> None:
+def _write_shard(path: Path, jobs: list[TensorJob], merger: Merger) -> None:
     with ShardWriter(path, [job.spec for job in jobs]) as writer:
         for job in jobs:
             stored = job.source.stored
