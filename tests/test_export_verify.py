@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def exported_run(tmp_path_factory, demo_model_dir):
     out = tmp_path_factory.mktemp("export-e2e") / "run"
-    argv = ["--config", str(ROOT / "recipes/chat/demo.yaml"), "--output_dir", str(out), "--max_steps", "6",
-            "--per_device_train_batch_size", "4", "--learning_rate", "2e-3", "--eval_fraction", "0.02",
+    argv = ["--config", str(ROOT / "recipes/chat/demo.yaml"), "--output_dir", str(out), "--max_steps", "3",
+            "--per_device_train_batch_size", "2", "--learning_rate", "5e-3", "--eval_fraction", "0.02",
             "--eval_steps", "0", "--save_steps", "0", "--logging_steps", "3",
             "--export_merged", "true", "--export_verify", "true"]
     return run(parse(argv)).run_dir

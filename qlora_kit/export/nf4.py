@@ -84,8 +84,11 @@ def _quantize_in_chunks(weight: torch.Tensor, compute_dtype: torch.dtype, double
 def compare_with_loader(model_dir, compute_dtype: torch.dtype, double_quant: bool, device: torch.device) -> dict:
     """Load `model_dir` as training does and check every 4-bit layer against `nf4_round_trip` of its checkpoint tensor.
 
+    The 4-bit layers compute with dequantize_4bit(W) cast to the compute dtype (bitsandbytes' matmul_4bit
+    casts it to its input's dtype); that is what is compared, bit for bit.
+
     Returns:
-        {"layers": how many were compared, "equal": how many matched bit for bit, "compute_dtype": ...}.
+        {"layers": how many were compared, "equal": how many matched, "compute_dtype", "loaded_dtype"}.
     """
     from safetensors import safe_open
 
@@ -97,13 +100,16 @@ def compare_with_loader(model_dir, compute_dtype: torch.dtype, double_quant: boo
     args = ModelArguments(model_name_or_path=str(model_dir), bnb_4bit_use_double_quant=double_quant)
     model = load_quantized_model(model_dir, args, compute_dtype, device)
     compared = equal = 0
+    loaded_dtype = None
     for tensor in layout.tensors:
         if not tensor.quantized:
             continue
         weight = model.get_submodule(tensor.module).weight
         loaded = bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+        loaded_dtype = loaded.dtype
         with safe_open(str(tensor.stored.file), framework="pt") as handle:
             ours = nf4_round_trip(handle.get_tensor(tensor.name), compute_dtype, double_quant, tensor.transposed, device)
         compared += 1
-        equal += int(torch.equal(loaded, ours.T if tensor.transposed else ours))
-    return {"layers": compared, "equal": equal, "compute_dtype": str(compute_dtype).removeprefix("torch.")}
+        equal += int(torch.equal(loaded.to(compute_dtype), ours.T if tensor.transposed else ours))
+    return {"layers": compared, "equal": equal, "compute_dtype": str(compute_dtype).removeprefix("torch."),
+            "loaded_dtype": str(loaded_dtype).removeprefix("torch.")}
