@@ -170,7 +170,24 @@ class MemoryArguments:
     )
 
 
-ARGUMENT_CLASSES = (ModelArguments, LoraArguments, DataArguments, TrainArguments, MemoryArguments)
+@dataclass
+class ExportArguments:
+    """Merging the adapter into the base at the end of the run (the same merge as tools/export_merged.py)."""
+
+    _argument_group_name = "export"
+
+    export_merged: bool = _help("At the end, write the base with the adapter merged in to OUTPUT_DIR/merged.",
+                                default=False)
+    export_merge_base: Literal["nf4", "original"] = _help(
+        "nf4: merge into the dequantized NF4 weights training saw (the merged model matches the adapter model); "
+        "original: into the original weights.", default="nf4")
+    export_dtype: Literal["bfloat16", "float16", "float32"] = _help("dtype of the merged model.", default="bfloat16")
+    export_verify: bool = _help("Compare the merged model with the adapter model; writes merge_report.json.",
+                                default=False)
+
+
+ARGUMENT_CLASSES = (ModelArguments, LoraArguments, DataArguments, TrainArguments, MemoryArguments,
+                    ExportArguments)
 
 
 @dataclass
@@ -182,11 +199,12 @@ class RunConfig:
     data: DataArguments
     train: TrainArguments
     memory: MemoryArguments = field(default_factory=MemoryArguments)
+    export: ExportArguments = field(default_factory=ExportArguments)
 
     def to_dict(self) -> dict[str, Any]:
         """All fields in one flat mapping, as a --config YAML holds them."""
         flat: dict[str, Any] = {}
-        for group in (self.model, self.lora, self.data, self.train, self.memory):
+        for group in (self.model, self.lora, self.data, self.train, self.memory, self.export):
             flat.update(dataclasses.asdict(group))
         return flat
 

@@ -19,6 +19,7 @@ import qlora_kit
 from qlora_kit.config import RunConfig, parse, write_run_config
 from qlora_kit.data.dataset import build_datasets
 from qlora_kit.errors import exit_on_user_error
+from qlora_kit.export.cli import export_run
 from qlora_kit.log import logger, setup_logging
 from qlora_kit.memory.apply import apply_memory_settings, plan_for_run
 from qlora_kit.model.load import choose_compute_dtype, load_quantized_model, load_tokenizer
@@ -99,6 +100,8 @@ def run(config: RunConfig) -> RunResult:
                   pad_id=tokenizer.pad_token_id, resume_dir=resume_dir)
     if accelerator.is_main_process:
         finish_run(run_dir, accelerator.unwrap_model(model))
+        if config.export.export_merged:
+            export_run(run_dir, config.export)
     logger.info(f"done: {state.step} steps, {state.trained_tokens:,} trained tokens; adapter and metrics in {run_dir}")
     return RunResult(run_dir, model, state)
 

@@ -1,0 +1,81 @@
+"""`python tools/export_merged.py`: the command line of the merge, and the recipe's `--export_merged true`."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from qlora_kit.config import ExportArguments, _help, _Parser
+from qlora_kit.errors import exit_on_user_error
+from qlora_kit.export.merge import MergeOptions, MergeResult, choose_device, export_merged
+from qlora_kit.export.settings import run_settings
+from qlora_kit.log import setup_logging
+from qlora_kit.model.load import DTYPES
+
+MERGED_SUBFOLDER = "merged"
+
+
+@dataclass
+class MergeArguments:
+    """Flags of tools/export_merged.py."""
+
+    adapter_dir: str = _help("The run folder (adapter_config.json, adapter_model.safetensors, run_config.yaml).")
+    output_dir: str = _help("Folder for the merged model; it must not exist or be empty (see --overwrite).")
+    merge_base: Literal["nf4", "original"] = _help(
+        "nf4: merge into dequant(NF4(W)), the weights training saw, so the merged model computes what the adapter "
+        "model computed. original: merge into the original weights W (drifts from the adapter model).", default="nf4")
+    dtype: Literal["bfloat16", "float16", "float32"] = _help("dtype of the merged model.", default="bfloat16")
+    max_shard_size: str = _help("Largest safetensors shard, e.g. 5GB or 500MB.", default="5GB")
+    base_model: Optional[str] = _help("Base model folder or hub id (default: the one in run_config.yaml).", default=None)
+    bnb_4bit_compute_dtype: Optional[Literal["bfloat16", "float16", "float32"]] = _help(
+        "The dtype training loaded the base in (default: from run_config.yaml).", default=None)
+    bnb_4bit_use_double_quant: Optional[bool] = _help(
+        "Whether training double-quantized the NF4 scales (default: from run_config.yaml).", default=None)
+    verify: bool = _help("Compare the merged model with the adapter model; writes merge_report.json.", default=False)
+    overwrite: bool = _help("Replace a non-empty --output_dir (only once the new model is complete).", default=False)
+    device: Literal["auto", "cpu", "cuda"] = _help("Where the arithmetic runs; auto: CUDA when there is one.",
+                                                   default="auto")
+
+
+def parse(argv: list[str]) -> MergeArguments:
+    parser = _Parser(MergeArguments, prog="python tools/export_merged.py", allow_abbrev=False,
+                     description="Merge a LoRA run into its base model: an ordinary full-precision model folder.")
+    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return args
+
+
+def options_from(args: MergeArguments) -> MergeOptions:
+    return MergeOptions(
+        adapter_dir=Path(args.adapter_dir), output_dir=Path(args.output_dir), merge_base=args.merge_base,
+        dtype=DTYPES[args.dtype], max_shard_size=args.max_shard_size, base_model=args.base_model,
+        compute_dtype=args.bnb_4bit_compute_dtype, double_quant=args.bnb_4bit_use_double_quant,
+        overwrite=args.overwrite, device=args.device,
+    )
+
+
+def merge_and_verify(options: MergeOptions, verify: bool) -> MergeResult:
+    """Export, then (if asked) compare the merged model with the adapter model."""
+    result = export_merged(options)
+    if verify:
+        from qlora_kit.export.verify import verify_merge  # imports peft: only when asked
+
+        settings = run_settings(options.adapter_dir, options.base_model, options.compute_dtype, options.double_quant)
+        verify_merge(options.adapter_dir, options.output_dir, settings, options.merge_base, options.dtype,
+                     choose_device(options.device))
+    return result
+
+
+def export_run(run_dir: Path, args: ExportArguments) -> MergeResult:
+    """The recipe's export: RUN/merged, replaced if an earlier export of this run is there."""
+    options = MergeOptions(adapter_dir=run_dir, output_dir=run_dir / MERGED_SUBFOLDER, merge_base=args.export_merge_base,
+                           dtype=DTYPES[args.export_dtype], overwrite=True)
+    return merge_and_verify(options, args.export_verify)
+
+
+@exit_on_user_error
+def main(argv: Optional[list[str]] = None) -> MergeResult:
+    setup_logging()
+    args = parse(sys.argv[1:] if argv is None else argv)
+    return merge_and_verify(options_from(args), args.verify)

@@ -1,0 +1,50 @@
+"""Run folders for the export tests: a tiny base, a real peft adapter trained-looking (B != 0), run_config.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from qlora_kit.config import DataArguments, LoraArguments, ModelArguments, RunConfig, TrainArguments, write_run_config
+from qlora_kit.model.load import load_quantized_model
+from qlora_kit.model.lora import add_lora
+from tiny_models import save_tiny_model
+
+CPU = torch.device("cpu")
+
+
+def perturb_adapter(model, seed: int = 1) -> None:
+    """Give the adapter weights a trained look: B (zero at init) and the DoRA magnitudes move."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+            elif "lora_magnitude_vector" in name:
+                parameter.mul_(1 + 0.1 * torch.randn(parameter.shape, generator=generator))
+
+
+def make_run(folder: Path, architecture: str = "llama", compute_dtype: torch.dtype = torch.float32,
+             base_dtype: torch.dtype = torch.bfloat16, tokenizer=None, model_overrides: Optional[dict] = None, **lora):
+    """Write folder/base and folder/run; return (base_dir, run_dir, the adapter model in eval mode).
+
+    `model_overrides` change the tiny model's config; `lora` the LoraArguments.
+    """
+    base = save_tiny_model(folder / "base", architecture, dtype=base_dtype, **(model_overrides or {}))
+    model_args = ModelArguments(model_name_or_path=str(base))
+    model = load_quantized_model(base, model_args, compute_dtype, CPU)
+    lora_args = LoraArguments(**{"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, **lora})
+    adapted = add_lora(model, lora_args, lora_dtype=torch.float32)
+    perturb_adapter(adapted)
+    run = folder / "run"
+    adapted.save_pretrained(run)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(run)
+    config = RunConfig(model_args, lora_args, DataArguments(), TrainArguments(output_dir=str(run)))
+    write_run_config(config, run / "run_config.yaml", resolved={
+        "base_model_dir": str(base), "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "lora_dtype": "float32", "quantization": {"quant_type": "nf4", "double_quant": True}, "device": "cpu",
+    })
+    return base, run, adapted.eval()

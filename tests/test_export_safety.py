@@ -1,0 +1,153 @@
+"""The user's folders are safe: refusals before any write, a complete folder or none, room on disk checked first."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from export_runs import make_run
+from qlora_kit.export.cli import main
+from qlora_kit.export.random_model import preset_config, write_random_model, write_random_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("safety")
+    base, run_dir, _ = make_run(folder, "llama")
+    return base, run_dir
+
+
+def export(capsys, *argv):
+    """Run the command in-process; return (exit code, the stderr lines that start with 'error:')."""
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    return code, errors
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("target, expected", [
+    (lambda base, run: base, "is the base model folder"),
+    (lambda base, run: run, "is the adapter folder"),
+    (lambda base, run: run.parent, "is the base model folder or holds it"),
+])
+def test_refuses_to_write_over_the_base_or_the_adapter_even_with_overwrite(run, capsys, target, expected):
+    base, run_dir = run
+    before = snapshot(run_dir.parent)
+    code, errors = export(capsys, "--adapter_dir", str(run_dir), "--output_dir", str(target(base, run_dir)),
+                          "--overwrite", "true")
+    assert code == 2 and len(errors) == 1 and expected in errors[0], errors
+    assert snapshot(run_dir.parent) == before
+
+
+def test_refuses_a_non_empty_folder_without_overwrite_and_replaces_it_with(run, capsys, tmp_path):
+    base, run_dir = run
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, errors = export(capsys, "--adapter_dir", str(run_dir), "--output_dir", str(out))
+    assert code == 2 and "is not empty" in errors[0] and "--overwrite true" in errors[0]
+    assert snapshot(out) == {Path("notes.txt"): b"mine"}
+    code, errors = export(capsys, "--adapter_dir", str(run_dir), "--output_dir", str(out), "--overwrite", "true")
+    assert code == 0 and not errors
+    assert (out / "model.safetensors").is_file() and not (out / "notes.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no partial or old folder left beside it
+
+
+@pytest.mark.parametrize("make_args, expected", [
+    (lambda tmp, run: ["--adapter_dir", str(tmp / "nowhere")], "does not exist"),
+    (lambda tmp, run: ["--adapter_dir", str(tmp)], "holds no PEFT adapter"),
+    (lambda tmp, run: ["--adapter_dir", str(run), "--base_model", str(tmp / "nowhere")], "does not exist"),
+    (lambda tmp, run: ["--adapter_dir", str(run), "--merge_base", "int8"], "invalid choice"),
+    (lambda tmp, run: ["--adapter_dir", str(run), "--max_shard_size", "big"], "is not a size"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(run, capsys, tmp_path, make_args, expected):
+    out = tmp_path / "merged"
+    code, errors = export(capsys, *make_args(tmp_path, run[1]), "--output_dir", str(out))
+    assert code == 2 and len(errors) == 1 and expected in errors[0], errors
+    assert not out.exists()
+
+
+def test_an_adapter_for_another_model_is_refused(capsys, tmp_path):
+    _, run_dir, _ = make_run(tmp_path / "llama", "llama")
+    other, _, _ = make_run(tmp_path / "gpt2", "gpt2")
+    code, errors = export(capsys, "--adapter_dir", str(run_dir), "--base_model", str(other),
+                          "--output_dir", str(tmp_path / "merged"))
+    assert code == 2 and "does not have" in errors[0], errors
+    assert not (tmp_path / "merged").exists()
+
+
+def test_too_little_disk_space_fails_before_writing(run, capsys, tmp_path, monkeypatch):
+    # A full disk cannot be arranged here; the check reads the free space from shutil.disk_usage.
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    code, errors = export(capsys, "--adapter_dir", str(run[1]), "--output_dir", str(tmp_path / "merged"))
+    assert code == 2 and "GB free" in errors[0], errors
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_partial_folder_left_by_a_killed_export_is_removed(run, capsys, tmp_path):
+    stale = tmp_path / ".merged.partial-999999999"
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    code, _ = export(capsys, "--adapter_dir", str(run[1]), "--output_dir", str(tmp_path / "merged"))
+    assert code == 0 and [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+def test_the_cli_exits_2_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "tools/export_merged.py"), "--adapter_dir",
+                             str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --adapter_dir")
+
+
+@pytest.fixture(scope="module")
+def slow_run(tmp_path_factory):
+    """A model big enough that its export takes seconds on a CPU, so it can be interrupted midway."""
+    folder = tmp_path_factory.mktemp("interrupt")
+    base = write_random_model(folder / "base", preset_config("tiny", num_layers=24), max_shard_size="4MB")
+    return write_random_run(folder / "run", base, compute_dtype="float32")
+
+
+@pytest.mark.parametrize("sig, earlier_output", [(signal.SIGINT, False), (signal.SIGTERM, True)])
+def test_an_interrupted_export_leaves_no_output_folder(slow_run, tmp_path, sig, earlier_output):
+    out = tmp_path / "merged"
+    if earlier_output:
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+    command = [sys.executable, str(ROOT / "tools/export_merged.py"), "--adapter_dir", str(slow_run),
+               "--output_dir", str(out), "--overwrite", "true", "--max_shard_size", "4MB"]
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not any(tmp_path.glob(".merged.partial-*/model-00002-*.safetensors")) and time.monotonic() < deadline:
+        assert child.poll() is None, child.stderr.read().decode()[-2000:]
+        time.sleep(0.02)
+    os.kill(child.pid, sig)
+    child.wait(timeout=120)
+    assert child.returncode != 0
+    assert [p.name for p in tmp_path.iterdir()] == (["merged"] if earlier_output else [])
+    if earlier_output:
+        assert snapshot(out) == {Path("config.json"): b"{}"}
+
+
+def test_an_adapter_whose_shapes_do_not_fit_the_base_is_refused_before_writing(capsys, tmp_path):
+    _, run_dir, _ = make_run(tmp_path / "a", "llama")
+    other, _, _ = make_run(tmp_path / "b", "llama", model_overrides={"intermediate_size": 96})
+    code, errors = export(capsys, "--adapter_dir", str(run_dir), "--base_model", str(other),
+                          "--output_dir", str(tmp_path / "merged"))
+    assert code == 2 and "does not fit the base weight" in errors[0], errors
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged*"))
