@@ -116,7 +116,34 @@ class TrainArguments:
     save_steps: int = _help("Save a checkpoint every N optimizer steps (0: only at the end).", default=100)
 
 
-ARGUMENT_CLASSES = (ModelArguments, LoraArguments, DataArguments, TrainArguments)
+@dataclass
+class StreamArguments:
+    """Models bigger than the GPU: frozen NF4 layers streamed from host RAM (qlora_kit.memory.stream)."""
+
+    _argument_group_name = "streaming"
+
+    resident_layers: int = _help(
+        "Decoder layers kept on the GPU; the others wait in pinned host RAM in NF4 and are copied to the "
+        "GPU just before they are needed. -1: all stay on the GPU (no streaming).",
+        default=-1,
+    )
+    layers_in_flight: int = _help(
+        "Most streamed layers on the GPU at once: the one computing and those being copied ahead.", default=2
+    )
+    layer_major_accumulation: bool = _help(
+        "When layers stream and gradient_accumulation_steps > 1, run every micro-batch of an optimizer step "
+        "through a streamed layer before the next (boundary activations wait in host RAM), so the weights "
+        "cross PCIe twice per optimizer step instead of twice per micro-batch.",
+        default=True,
+    )
+    quantized_cache: Optional[str] = _help(
+        "Folder holding the quantized model: written on the first run, read on later ones instead of "
+        "the checkpoint; refused if the source model or the quantization settings differ.",
+        default=None,
+    )
+
+
+ARGUMENT_CLASSES = (ModelArguments, LoraArguments, DataArguments, TrainArguments, StreamArguments)
 
 
 @dataclass
@@ -127,11 +154,12 @@ class RunConfig:
     lora: LoraArguments
     data: DataArguments
     train: TrainArguments
+    stream: StreamArguments = field(default_factory=StreamArguments)
 
     def to_dict(self) -> dict[str, Any]:
         """All fields in one flat mapping, as a --config YAML holds them."""
         flat: dict[str, Any] = {}
-        for group in (self.model, self.lora, self.data, self.train):
+        for group in (self.model, self.lora, self.data, self.train, self.stream):
             flat.update(dataclasses.asdict(group))
         return flat
 
@@ -244,6 +272,8 @@ def validate(config: RunConfig) -> None:
         (config.train.logging_steps > 0, "--logging_steps must be at least 1"),
         (config.train.eval_steps >= 0, "--eval_steps must be 0 (only at the end) or positive"),
         (config.train.save_steps >= 0, "--save_steps must be 0 (only at the end) or positive"),
+        (config.stream.resident_layers >= -1, "--resident_layers must be -1 (all) or a number of layers"),
+        (config.stream.layers_in_flight >= 1, "--layers_in_flight must be at least 1"),
     ]
     for ok, message in checks:
         if not ok:

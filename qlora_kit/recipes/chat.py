@@ -20,9 +20,12 @@ from qlora_kit.config import RunConfig, parse, write_run_config
 from qlora_kit.data.dataset import build_datasets
 from qlora_kit.errors import exit_on_user_error
 from qlora_kit.log import logger, setup_logging
-from qlora_kit.model.load import choose_compute_dtype, load_quantized_model, load_tokenizer
+from qlora_kit.memory.reorder import layer_major_driver
+from qlora_kit.memory.stream import setup_streaming
+from qlora_kit.model.load import choose_compute_dtype, load_tokenizer
 from qlora_kit.model.lora import (add_lora, choose_lora_dtype, enable_gradient_checkpointing, log_dtype_choice,
                                   trainable_report)
+from qlora_kit.model.stream_load import load_model
 from qlora_kit.output import check_output_dir, finish_run, prepare_output_dir
 from qlora_kit.sources import resolve_model
 from qlora_kit.train.checkpoint import TrainState
@@ -65,10 +68,13 @@ def run(config: RunConfig) -> RunResult:
     compute_dtype = choose_compute_dtype(config.model.bnb_4bit_compute_dtype, accelerator.device)
     lora_dtype = choose_lora_dtype(config.lora.lora_dtype, compute_dtype)
     log_dtype_choice(compute_dtype, lora_dtype)
-    model = load_quantized_model(model_dir, config.model, compute_dtype, accelerator.device)
+    model = load_model(model_dir, config.model, config.stream, compute_dtype, accelerator.device)
+    streamer = setup_streaming(model, config.stream.resident_layers, config.stream.layers_in_flight, accelerator.device)
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = add_lora(model, config.lora, lora_dtype)
+    step_driver = layer_major_driver(model, streamer, config.stream.layer_major_accumulation,
+                                     config.train.gradient_accumulation_steps, accelerator.num_processes, accelerator.device)
     logger.info(trainable_report(model))
 
     # The output folder: the resolved configuration and the tokenizer first.
@@ -87,7 +93,7 @@ def run(config: RunConfig) -> RunResult:
 
     # Train, then save the adapter and the loss plot.
     state = train(model, train_data, eval_data, config.train, accelerator, run_dir,
-                  pad_id=tokenizer.pad_token_id, resume_dir=resume_dir)
+                  pad_id=tokenizer.pad_token_id, resume_dir=resume_dir, step_driver=step_driver)
     if accelerator.is_main_process:
         finish_run(run_dir, accelerator.unwrap_model(model))
     logger.info(f"done: {state.step} steps, {state.trained_tokens:,} trained tokens; adapter and metrics in {run_dir}")

@@ -13,7 +13,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
@@ -85,8 +85,13 @@ def train(
     run_dir: Path,
     pad_id: int,
     resume_dir: Optional[Path] = None,
+    step_driver: Optional[Callable[[list, int], torch.Tensor]] = None,
 ) -> TrainState:
-    """Train the LoRA parameters of `model`; save checkpoints and log metrics in run_dir."""
+    """Train the LoRA parameters of `model`; save checkpoints and log metrics in run_dir.
+
+    `step_driver(micro_batches, step_trained)`, when given, runs a step's forward and backward
+    itself and returns its summed token loss (qlora_kit.memory.reorder: layer-major order).
+    """
     device = accelerator.device
     total_steps = total_optimizer_steps(len(train_dataset), args)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -109,7 +114,11 @@ def train(
         step = next(batches)
         step_trained = int(sum(count_trained_tokens(b["labels"]) for b in step.micro_batches))
         step_inputs = int(sum(b["attention_mask"].sum() for b in step.micro_batches))
-        for i, batch in enumerate(step.micro_batches):
+        micro_batches = step.micro_batches
+        if step_driver is not None:
+            window_loss += step_driver(micro_batches, step_trained)
+            micro_batches = []
+        for i, batch in enumerate(micro_batches):
             batch = {k: v.to(device) for k, v in batch.items()}
             last = i == len(step.micro_batches) - 1
             with nullcontext() if last else accelerator.no_sync(model):
