@@ -91,6 +91,7 @@ class LayerMajorStep:
         self.streamer = streamer
         self.device = device
         self.verify_recompute = verify_recompute
+        self.recompute_max_diff = 0.0  # with verify_recompute: the largest |recomputed - stored| boundary value
         _, self.blocks = find_decoder_blocks(model)
         self.tuple_output = False
         self.stash = _HostStash(device)
@@ -188,7 +189,8 @@ class LayerMajorStep:
                     output = _hidden(layer(hidden, *call.args, **call.kwargs))
                 if self.verify_recompute and index < count - 1:
                     expected = self.stash.get(stored[g][index + 1])
-                    assert torch.equal(output.detach(), expected), f"layer {index} recomputed differently"
+                    difference = float((output.detach().float() - expected.float()).abs().max())
+                    self.recompute_max_diff = max(self.recompute_max_diff, difference)
                 torch.autograd.backward(output, grads[g])
                 grads[g] = hidden.grad if index > 0 else None
                 if index + 1 < count:

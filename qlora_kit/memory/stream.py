@@ -97,11 +97,13 @@ def storage_bytes(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().nbytes()
 
 
-def _empty_shell(like: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A tensor of `like`'s shape and dtype on `device` whose storage is freed (resized to 0 bytes)."""
-    shell = torch.empty(like.shape, dtype=like.dtype, device=device)
-    shell.untyped_storage().resize_(0)
-    return shell
+def _freed_on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` as a device tensor whose storage is freed (0 bytes); its own storage when already there."""
+    owns_storage = tensor.storage_offset() == 0 and storage_bytes(tensor) == tensor.numel() * tensor.element_size()
+    if tensor.device != device or not owns_storage:
+        tensor = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+    tensor.untyped_storage().resize_(0)
+    return tensor
 
 
 class LayerStreamer:
@@ -124,13 +126,13 @@ class LayerStreamer:
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self._hooks = []
         for index in sorted(streamed):
-            self._stream_layer(index)
+            self.stream_layer(index)
         self._install_hooks()
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # the first layer's input gradient ends its backward
 
     # ---- set-up -------------------------------------------------------------------------------
-    def _stream_layer(self, index: int) -> None:
+    def stream_layer(self, index: int) -> None:
         """Copy a layer's 4-bit weights into one pinned host block; leave storage-less tensors behind."""
         modules = [m for m in self.blocks[index].modules() if isinstance(m, bnb.nn.Linear4bit)]
         if not modules:
@@ -155,8 +157,8 @@ class LayerStreamer:
             copy.copy_(tensor)
             host.append(copy)
         for module in modules:
-            module.weight.data = _empty_shell(module.weight.data, self.device)
-            module.weight.quant_state.absmax = _empty_shell(module.weight.quant_state.absmax, self.device)
+            module.weight.data = _freed_on_device(module.weight.data, self.device)
+            module.weight.quant_state.absmax = _freed_on_device(module.weight.quant_state.absmax, self.device)
             module.support_avx512bf16_for_cpu = False  # its CPU inference path repacks the weight in place
         self.layers[index] = _Layer(index, modules, host, block)
 
