@@ -159,7 +159,9 @@ def probe_fsdp2(device: torch.device, hidden: int, intermediate: int, layers: in
     streamer = LayerStreamer(stack, range(layers), device, layers_in_flight=2)
     out, grad, seconds, peak, _ = run()
     report["hooks"] = {"s_per_iter": round(seconds, 4), "peak_allocated_gib": round(peak, 2),
-                       "same_output": bool(torch.equal(out, out_ref)), "same_input_grad": bool(torch.equal(grad, grad_ref))}
+                       "same_output": bool(torch.equal(out, out_ref)), "same_input_grad": bool(torch.equal(grad, grad_ref)),
+                       "max_abs_output_diff": float((out - out_ref).abs().max()),
+                       "max_abs_input_grad_diff": float((grad - grad_ref).abs().max())}
     streamer.close(materialise=True)
     entry: dict = {}
     try:
@@ -345,6 +347,7 @@ def streamed_phase(model, streamer, batches, optimizer, trainable, device, args,
     log(f"plain-order loss through the streaming hooks: {plain_loss:.6f}")
     retries = 0
     while True:
+        failure = None
         try:
             rows = train_steps(model, batches, driver, optimizer, trainable, device, 1, streamer)
             report["checks"] = {"plain_order_loss": round(plain_loss, 6), "layer_major_loss": rows[0]["loss"],
@@ -353,21 +356,20 @@ def streamed_phase(model, streamer, batches, optimizer, trainable, device, args,
             rows += train_steps(model, batches, driver, optimizer, trainable, device, args.steps, streamer, first=1)
             break
         except torch.cuda.OutOfMemoryError as error:
-            message = str(error).split("\n")[0][:200]
-            optimizer.zero_grad(set_to_none=True)
-            del error
-            _, blocks = find_decoder_blocks(model)
-            resident = [i for i in range(len(blocks)) if i not in streamer.layers]
-            if retries >= 3 or not resident:
-                raise
-            retries += 1
-            extra = resident[:: max(1, len(resident) // 4)][:4]
-            for index in extra:
-                streamer.stream_layer(index)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            log(f"out of memory ({message}); streaming layers {extra} as well and starting again")
-            report["streamed_retries"] = retries
+            failure = str(error).split("\n")[0][:200]
+        # out of the except block, so the failed step's tensors are gone with its traceback
+        optimizer.zero_grad(set_to_none=True)
+        resident = [i for i in range(len(find_decoder_blocks(model)[1])) if i not in streamer.layers]
+        if retries >= 3 or not resident:
+            raise RuntimeError(f"out of memory at {args.cap_gib} GiB even with {len(streamer.layers)} layers streamed: {failure}")
+        retries += 1
+        extra = resident[:: max(1, len(resident) // 4)][:4]
+        for index in extra:
+            streamer.stream_layer(index)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        log(f"out of memory ({failure}); streaming layers {extra} as well and starting again")
+        report["streamed_retries"] = retries
     summary = summarise(rows, 1, device, args.cap_gib if device.type == "cuda" else None, args)
     summary.update(resident_layers=len(find_decoder_blocks(model)[1]) - len(streamer.layers),
                    streamed_layers=len(streamer.layers), layers_in_flight=args.in_flight, oom_retries=retries)
@@ -377,7 +379,8 @@ def streamed_phase(model, streamer, batches, optimizer, trainable, device, args,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny Llama on CPU (or GPU): checks the code paths")
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: 80, or 4 with --tiny)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers (default: 80, or 4 with --tiny); fewer layers keep the share that streams")
     parser.add_argument("--cap_gib", type=float, default=24.0, help="GPU memory cap of the streamed run")
     parser.add_argument("--resident_cap_gib", type=float, default=48.0, help="cap of the all-resident baseline")
     parser.add_argument("--resident", type=int, default=None, help="resident layers (default: from the cap)")
@@ -416,8 +419,13 @@ def main() -> None:
 
     set_cap(device, args.cap_gib)
     layers = shape["num_hidden_layers"]
-    resident = args.resident if args.resident is not None else (
-        layers // 2 if device.type != "cuda" else plan_resident(shape, args, int(args.cap_gib * GIB)))
+    if args.resident is not None:
+        resident = args.resident
+    elif device.type != "cuda":
+        resident = layers // 2
+    else:  # the share of resident layers the full model gets under the cap, so a shorter run streams alike
+        full = dict(shape, num_hidden_layers=SHAPE_70B["num_hidden_layers"]) if not args.tiny else shape
+        resident = round(plan_resident(full, args, int(args.cap_gib * GIB)) * layers / full["num_hidden_layers"])
     streamed = streamed_layer_indices(layers, resident)
     log(f"building: {resident} resident layers, {len(streamed)} streamed, {args.in_flight} in flight")
     began = time.perf_counter()
@@ -452,8 +460,10 @@ def main() -> None:
     elif time.perf_counter() - STARTED + needed > args.budget_s:
         report["resident"] = {"skipped": f"about {needed:.0f} s more would pass --budget_s {args.budget_s}"}
     else:
+        set_cap(device, args.resident_cap_gib)  # first: bringing the streamed layers back needs the room
         streamer.close(materialise=True)
-        set_cap(device, args.resident_cap_gib)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         log(f"all {layers} layers resident, cap {args.resident_cap_gib} GiB, plain micro-batch order")
         rows = train_steps(model, batches, plain_step(model), optimizer, trainable, device, 1 + args.steps)
         report["resident"] = {"cap_gib": args.resident_cap_gib,

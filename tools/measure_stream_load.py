@@ -62,7 +62,7 @@ def _status(field: str) -> int:
     raise KeyError(field)
 
 
-def measure(folder: Path, dtype_name: str) -> dict:
+def measure(folder: Path, dtype_name: str, cache: str | None = None) -> dict:
     """In this process: load the folder with the streaming loader and report the peak resident set."""
     import torch
     import bitsandbytes as bnb
@@ -75,7 +75,7 @@ def measure(folder: Path, dtype_name: str) -> dict:
     before = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
     started = time.perf_counter()
-    model = load_streaming(folder, args, DTYPES[dtype_name], torch.device("cpu"))
+    model = load_streaming(folder, args, DTYPES[dtype_name], torch.device("cpu"), quantized_cache=cache)
     seconds = time.perf_counter() - started
     peak = _status("VmHWM")
     storages = {}
@@ -85,9 +85,11 @@ def measure(folder: Path, dtype_name: str) -> dict:
         if isinstance(tensor, bnb.nn.Params4bit) and state is not None:
             for part in (state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code):
                 storages[part.untyped_storage().data_ptr()] = part.untyped_storage().nbytes()
-    return {"rss_before_load": before, "peak_rss": peak, "peak_over_before": peak - before,
-            "placed_bytes": sum(storages.values()), "load_seconds": round(seconds, 1),
-            "one_tensor_bytes": one_tensor_working_set(folder, DTYPES[dtype_name])}
+    result = {"rss_before_load": before, "peak_rss": peak, "peak_over_before": peak - before,
+              "placed_bytes": sum(storages.values()), "load_seconds": round(seconds, 1)}
+    if cache is None:
+        result["one_tensor_bytes"] = one_tensor_working_set(folder, DTYPES[dtype_name])
+    return result
 
 
 def one_tensor_working_set(folder: Path, dtype) -> int:
@@ -119,6 +121,14 @@ def one_tensor_working_set(folder: Path, dtype) -> int:
     return worst
 
 
+def _child(folder: Path, dtype: str, cache: Path | None = None) -> dict:
+    command = [sys.executable, __file__, "--measure", str(folder), "--dtype", dtype]
+    if cache is not None:
+        command += ["--cache_dir", str(cache)]
+    child = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=22)
@@ -130,21 +140,26 @@ def main() -> None:
     parser.add_argument("--shard_layers", type=int, default=2, help="decoder layers per safetensors shard")
     parser.add_argument("--dtype", default="float32", help="compute dtype of the load (float32 on CPU)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--cache", action="store_true",
+                        help="also load with --quantized_cache twice (writing it, then reading it)")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # the subprocess's side
+    parser.add_argument("--cache_dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(Path(args.measure), args.dtype)))
+        print(json.dumps(measure(Path(args.measure), args.dtype, args.cache_dir)))
         return
     folder = Path(tempfile.mkdtemp(prefix="qlora_kit-stream-load-"))
+    cached = {}
     try:
-        written = write_random_model(folder, args)
-        child = subprocess.run([sys.executable, __file__, "--measure", str(folder), "--dtype", args.dtype],
-                               capture_output=True, text=True, check=True)
-        measured = json.loads(child.stdout.strip().splitlines()[-1])
+        written = write_random_model(folder / "model", args)
+        measured = _child(folder / "model", args.dtype)
+        if args.cache:
+            for run in ("cache_write", "cache_read"):
+                cached[run] = _child(folder / "model", args.dtype, folder / "nf4-cache")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     result = {**written, **measured, "dtype": args.dtype,
-              "peak_over_placed_bytes": measured["peak_over_before"] - measured["placed_bytes"]}
+              "peak_over_placed_bytes": measured["peak_over_before"] - measured["placed_bytes"], **cached}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
