@@ -1,7 +1,7 @@
 """Layer streaming: frozen NF4 decoder layers wait in pinned host RAM and reach the GPU just in time.
 
 What streams: for each streamed decoder layer, the packed NF4 weight of every bitsandbytes
-`Linear4bit` and its 8-bit block scales (`quant_state.absmax`), 98% of the layer's bytes, packed
+`Linear4bit` and its 8-bit block scales (`quant_state.absmax`), all but kilobytes of the layer, packed
 into one pinned host block per layer. The rest (norms, biases, the tiny second-level
 quantization state) and all LoRA weights, their gradients and the optimizer state stay on the GPU.
 
@@ -27,14 +27,15 @@ hand to run all micro-batches of an optimizer step through a layer before the ne
 What was tried first, and why these hooks won: FSDP2 (`fully_shard` with `CPUOffloadPolicy`) on
 a single device would also carry over to several GPUs. On CPU (gloo, world size 1) it accepts a
 `Linear4bit`: the weight becomes a plain DTensor and bitsandbytes restores its `quant_state` from
-the module, so forward and backward match. But (1) the offload policy offloads a whole FSDP
-unit, gradients included, and runs the optimizer step on the CPU, while the LoRA weights, their
-gradients and optimizer state must stay on the GPU, so each base projection would need its own
-unit (7 per layer, each a separate root); (2) only parameters move: the quantization state
-(absmax, 3% of the bytes) stays where it was; (3) it needs a process group even on one GPU; (4)
-the layer-major micro-batch order needs to decide when a layer arrives and leaves, which FSDP's
-prefetch does not expose beyond one module ahead. tools/bench_70b.py runs the FSDP2 check on a
-GPU (correctness, peak memory, time per layer against these hooks) and records the result.
+the module, so forward and backward match. But (1) the offload policy covers a whole FSDP unit,
+gradients included, and runs the optimizer step on the CPU, while the LoRA weights, their
+gradients and optimizer state must stay on the GPU: each base projection would need its own unit
+(7 per layer); (2) only parameters move, so the 4-bit block scales (3% of the bytes) stay on the
+GPU; (3) it needs a process group even on one GPU; (4) keeping a layer through every micro-batch
+of a step (layer-major order) means driving FSDP2's unshard/reshard by hand anyway. The hooks here
+are about 250 lines and keep bitsandbytes' own modules untouched. tools/bench_70b.py probes FSDP2's
+CPU offload on a GPU (correctness, where the LoRA gradients end up, time and peak memory against
+these hooks) and docs/benchmarks.md records its answer.
 """
 
 from __future__ import annotations
@@ -265,14 +266,13 @@ class LayerStreamer:
             if self.driven:
                 return None
             self.acquire(index)
-            if index in self.held:
-                return None  # a recompute inside the backward: nothing else to do
-            self.prefetch(self.after(index))
             hidden = args[0] if args else kwargs.get("hidden_states")
+            if index in self.held or getattr(hidden, "_qlora_stream_hooked", False):
+                return None  # a recompute inside the backward (checkpointing that runs module hooks again)
+            self.prefetch(self.after(index))
             if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
-                if not getattr(hidden, "_qlora_stream_hooked", False):
-                    hidden.register_hook(self._backward_reached(index))
-                    hidden._qlora_stream_hooked = True
+                hidden.register_hook(self._backward_reached(index))
+                hidden._qlora_stream_hooked = True
             return None
         return hook
 
