@@ -135,7 +135,8 @@ def probe_fsdp2(device: torch.device, hidden: int, intermediate: int, layers: in
     stack = Stack()
     x = torch.randn(tokens, hidden, dtype=dtype, device=device)
 
-    def run(repeats: int = 3) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    def run(repeats: int = 3) -> tuple:
+        """Output, input gradient, best seconds per forward+backward, peak GiB, a LoRA gradient."""
         times = []
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -188,9 +189,6 @@ def probe_fsdp2(device: torch.device, hidden: int, intermediate: int, layers: in
         if dist.is_initialized():
             dist.destroy_process_group()
     report["fsdp2_cpu_offload"] = entry
-    del stack
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return report
 
 
@@ -415,6 +413,8 @@ def main() -> None:
     if not args.skip_fsdp:
         dims = (shape["hidden_size"], shape["intermediate_size"], 4, args.seq)
         report["fsdp2_probe"] = probe_fsdp2(device, *dims)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         log(f"FSDP2 probe: {json.dumps(report.data['fsdp2_probe'])}")
 
     set_cap(device, args.cap_gib)

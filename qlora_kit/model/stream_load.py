@@ -10,8 +10,10 @@ and, for a projection, quantized with the very call transformers' bnb quantizer 
 (`Params4bit(value, **meta_param.__dict__).to(device)`: NF4, double quantization, on the GPU
 when there is one), so the packed weights, the quantization states and the logits are the same
 as the normal loader's. It is then placed: on the device, or, for the decoder layers that stream
-(`qlora_kit.memory.stream`), in pinned host RAM (plain host RAM without a GPU). The bf16 model is
-never materialised: peak host RAM is the placed model plus the tensor being read.
+(`qlora_kit.memory.stream`), in host RAM, where the streamer packs each layer into one pinned
+block (pinning each tensor here would round every one up to a power of two and, with the
+streamer's copy, hold the layers twice). The bf16 model is never materialised: peak host RAM is
+the placed model plus the tensor being read.
 
 With `--quantized_cache DIR` the placed tensors are also written to DIR (see quant_cache.py),
 and later runs read them from there instead of reading and quantizing the checkpoint again.
@@ -90,10 +92,6 @@ class Placement:
         """True for the tensors of a streamed layer (its quantized weights wait in host RAM)."""
         return self.layer_of(name) in self.streamed
 
-    @property
-    def pin(self) -> bool:
-        return self.device.type == "cuda"
-
 
 def build_empty_model(
     config: PretrainedConfig, args: ModelArguments, compute_dtype: torch.dtype
@@ -116,27 +114,10 @@ def build_empty_model(
     return model
 
 
-def move_quantized(param: bnb.nn.Params4bit, device: torch.device, pin: bool = False) -> None:
+def move_quantized(param: bnb.nn.Params4bit, device: torch.device) -> None:
     """Move a packed NF4 weight and every tensor of its quantization state, in place."""
-    param.data = to_device(param.data, device, pin)
-    state = param.quant_state
-    state.absmax = to_device(state.absmax, device, pin)
-    state.code = to_device(state.code, device, pin)
-    if state.nested:
-        state.offset = to_device(state.offset, device, pin)
-        state.state2.absmax = to_device(state.state2.absmax, device, pin)
-        state.state2.code = to_device(state.state2.code, device, pin)
-
-
-def to_device(tensor: torch.Tensor, device: torch.device, pin: bool = False) -> torch.Tensor:
-    """`tensor` on `device`; on the host in page-locked memory when `pin` (for fast, async copies)."""
-    if device.type != "cpu" or not pin:
-        return tensor.to(device)
-    if tensor.device.type == "cpu" and tensor.is_pinned():
-        return tensor
-    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    pinned.copy_(tensor)
-    return pinned
+    param.data = param.data.to(device)
+    param.quant_state.to(device)
 
 
 class TensorPlacer:
@@ -176,7 +157,7 @@ class TensorPlacer:
         if isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
             new = self._quantize(module, value)
             if self.placement.host_for(name):
-                move_quantized(new, HOST, pin=self.placement.pin)
+                move_quantized(new, HOST)
             module._parameters["weight"] = new
         else:  # norms, biases, embeddings, lm_head: small or shared, so always on the device
             dtype = torch.float32 if self._keep_fp32(name) else self.compute_dtype
@@ -200,8 +181,6 @@ class TensorPlacer:
         param = bnb.nn.Params4bit.from_prequantized(
             data, stats, requires_grad=False, device=HOST if host else self.placement.device, module=module
         )
-        if host and self.placement.pin:
-            move_quantized(param, HOST, pin=True)
         module._parameters["weight"] = param
         self.loaded.add(name)
         return name
@@ -301,7 +280,7 @@ def load_streaming(
     resident_layers: int = -1,
     quantized_cache: Optional[str] = None,
 ) -> PreTrainedModel:
-    """Load a causal LM tensor by tensor into NF4, the streamed layers' weights in (pinned) host RAM.
+    """Load a causal LM tensor by tensor into NF4, the streamed layers' weights in host RAM.
 
     Args:
         model_dir: a transformers model folder with safetensors weights.
