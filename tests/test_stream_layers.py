@@ -5,7 +5,8 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from qlora_kit.config import ModelArguments
+from qlora_kit.config import ModelArguments, parse
+from qlora_kit.errors import UserError
 from qlora_kit.memory.stream import LayerStreamer, materialised_layers, setup_streaming
 from qlora_kit.model.load import load_quantized_model
 from qlora_kit.model.targets import find_decoder_blocks
@@ -119,3 +120,14 @@ def test_in_flight_must_be_positive(folder):
     assert setup_streaming(model, LAYERS, 2, CPU) is None
     _, blocks = find_decoder_blocks(model)
     assert len(blocks) == LAYERS
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resident_layers", "-2"], "--resident_layers must be -1"),
+    (["--layers_in_flight", "0"], "--layers_in_flight must be at least 1"),
+])
+def test_streaming_fields_are_checked(argv, message):
+    with pytest.raises(UserError, match=message):
+        parse(argv)
+    config = parse(["--resident_layers", "20", "--quantized_cache", "nf4"])
+    assert config.stream.resident_layers == 20 and config.to_dict()["quantized_cache"] == "nf4"

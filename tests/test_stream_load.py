@@ -122,6 +122,9 @@ def test_cache_folder_with_other_files_refused(tmp_path):
         load_streaming(folder, ModelArguments(model_name_or_path=str(folder)), torch.float32, CPU,
                        quantized_cache=str(tmp_path / "mine"))
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    with pytest.raises(UserError, match="is a file"):
+        load_streaming(folder, ModelArguments(model_name_or_path=str(folder)), torch.float32, CPU,
+                       quantized_cache=str(tmp_path / "mine" / "notes.txt"))
 
 
 def test_checkpoint_with_other_names_refused(tmp_path):

@@ -76,6 +76,8 @@ class QuantizedCache:
         """True when the folder holds a cache of this source and settings; refuses a different one."""
         if not self.folder.exists():
             return False
+        if not self.folder.is_dir():
+            raise UserError(f"--quantized_cache {self.folder} is a file; name a folder")
         manifest = self.folder / MANIFEST
         if not manifest.is_file():
             if any(self.folder.iterdir()):

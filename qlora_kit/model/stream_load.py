@@ -313,19 +313,6 @@ def load_streaming(
     return placer.finish()
 
 
-def place_tensors(
-    model: PreTrainedModel,
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    placement: Placement,
-    compute_dtype: torch.dtype,
-) -> PreTrainedModel:
-    """Place (name, tensor) pairs from any source, e.g. random weights made one layer at a time."""
-    placer = TensorPlacer(model, placement, compute_dtype)
-    for key, value in tensors:
-        placer.put(key, value)
-    return placer.finish()
-
-
 def load_model(model_dir: Path, args: ModelArguments, stream: StreamArguments, compute_dtype: torch.dtype,
                device: torch.device) -> PreTrainedModel:
     """The normal loader, or the streaming one when layers stream or a quantized cache is named."""
