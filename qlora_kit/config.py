@@ -171,6 +171,34 @@ class MemoryArguments:
 
 
 @dataclass
+class StreamArguments:
+    """Models bigger than the GPU: frozen NF4 layers streamed from host RAM (qlora_kit.memory.stream)."""
+
+    _argument_group_name = "streaming"
+
+    resident_layers: int = _help(
+        "Decoder layers kept on the GPU; the others wait in pinned host RAM in NF4 and are copied to the "
+        "GPU just before they are needed. -1: the memory plan decides (all stay on the GPU when they fit, "
+        "and when there is no plan).",
+        default=-1,
+    )
+    layers_in_flight: int = _help(
+        "Most streamed layers on the GPU at once: the one computing and those being copied ahead.", default=2
+    )
+    layer_major_accumulation: bool = _help(
+        "When layers stream and gradient_accumulation_steps > 1, run every micro-batch of an optimizer step "
+        "through a streamed layer before the next (boundary activations wait in host RAM), so the weights "
+        "cross PCIe twice per optimizer step instead of twice per micro-batch.",
+        default=True,
+    )
+    quantized_cache: Optional[str] = _help(
+        "Folder holding the quantized model: written on the first run, read on later ones instead of "
+        "the checkpoint; refused if the source model or the quantization settings differ.",
+        default=None,
+    )
+
+
+@dataclass
 class ExportArguments:
     """Merging the adapter into the base at the end of the run (the same merge as tools/export_merged.py)."""
 
@@ -187,7 +215,7 @@ class ExportArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, LoraArguments, DataArguments, TrainArguments, MemoryArguments,
-                    ExportArguments)
+                    StreamArguments, ExportArguments)
 
 
 @dataclass
@@ -199,12 +227,13 @@ class RunConfig:
     data: DataArguments
     train: TrainArguments
     memory: MemoryArguments = field(default_factory=MemoryArguments)
+    stream: StreamArguments = field(default_factory=StreamArguments)
     export: ExportArguments = field(default_factory=ExportArguments)
 
     def to_dict(self) -> dict[str, Any]:
         """All fields in one flat mapping, as a --config YAML holds them."""
         flat: dict[str, Any] = {}
-        for group in (self.model, self.lora, self.data, self.train, self.memory, self.export):
+        for group in (self.model, self.lora, self.data, self.train, self.memory, self.stream, self.export):
             flat.update(dataclasses.asdict(group))
         return flat
 
@@ -335,6 +364,8 @@ def validate(config: RunConfig) -> None:
         (not (config.train.keep_best_checkpoint and config.train.eval_steps and config.train.save_steps
               and config.train.save_steps % config.train.eval_steps),
          "--keep_best_checkpoint needs --save_steps to be a multiple of --eval_steps, so checkpoints have an eval loss"),
+        (config.stream.resident_layers >= -1, "--resident_layers must be -1 (all) or a number of layers"),
+        (config.stream.layers_in_flight >= 1, "--layers_in_flight must be at least 1"),
     ]
     for ok, message in checks:
         if not ok:

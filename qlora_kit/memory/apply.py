@@ -7,18 +7,16 @@ skips) from the model's config.json, prints the budget table, and
   --loss_chunk_size), warns with the plan that would fit and keeps the user's choice;
 - otherwise refuses the run with the planner's explanation of what is missing (a `UserError`,
   before anything is loaded or written).
-Decoder layers are planned to stream from host RAM only when this build has the layer streaming
-(qlora_kit/memory/stream.py); without it a run that needs streaming is refused with that said.
-tools/plan_memory.py always plans with streaming: it answers what the toolkit can fit.
-`apply_memory_settings` then sets the loss chunk size and turns activation offload on, from the plan
-or, without one, from the user's explicit settings.
+When the layers do not all fit, the plan streams the rest from host RAM (qlora_kit/memory/stream.py);
+`--resident_layers N` fixes how many stay on the GPU instead. `stream_arguments` hands the plan's
+choice to the loader; `apply_memory_settings` then sets the loss chunk size and turns activation
+offload on, from the plan or, without one, from the user's explicit settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 from typing import Optional
@@ -27,7 +25,7 @@ import psutil
 import torch
 from torch import nn
 
-from qlora_kit.config import RunConfig
+from qlora_kit.config import RunConfig, StreamArguments
 from qlora_kit.errors import UserError
 from qlora_kit.log import logger, notice_once
 from qlora_kit.memory.budget import RunSettings
@@ -58,6 +56,7 @@ def run_settings(config: RunConfig, compute_dtype: str, lora_dtype: str) -> RunS
         attn_implementation=config.model.attn_implementation,
         offload_activations=config.memory.offload_activations,
         loss_chunk_size=config.memory.loss_chunk_size,
+        resident_layers=config.stream.resident_layers if config.stream.resident_layers >= 0 else None,
     )
 
 
@@ -79,12 +78,9 @@ def _user_choices(config: RunConfig) -> list[str]:
         chosen.append(f"--offload_activations {str(config.memory.offload_activations).lower()}")
     if config.memory.loss_chunk_size is not None:
         chosen.append(f"--loss_chunk_size {config.memory.loss_chunk_size}")
+    if config.stream.resident_layers >= 0:
+        chosen.append(f"--resident_layers {config.stream.resident_layers}")
     return chosen
-
-
-def streaming_available() -> bool:
-    """Whether this build can stream decoder layers from host RAM (qlora_kit/memory/stream.py)."""
-    return importlib.util.find_spec("qlora_kit.memory.stream") is not None
 
 
 def plan_for_config(config: RunConfig, compute_dtype: str, lora_dtype: str, gpu: int, host: int,
@@ -99,7 +95,7 @@ def plan_for_config(config: RunConfig, compute_dtype: str, lora_dtype: str, gpu:
     shape = shape_from_model(meta_model(model_config, config.model.trust_remote_code), model_config)
     settings = run_settings(config, compute_dtype, lora_dtype)
     if free_choices:
-        settings = dataclasses.replace(settings, offload_activations=None, loss_chunk_size=None)
+        settings = dataclasses.replace(settings, offload_activations=None, loss_chunk_size=None, resident_layers=None)
     return plan_memory(shape, settings, gpu, host, getattr(model_config, "max_position_embeddings", None), streaming)
 
 
@@ -112,23 +108,28 @@ def plan_for_run(config: RunConfig, model_dir: Path, device: torch.device, compu
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, model_name_or_path=str(model_dir)))
     host = psutil.virtual_memory().total
     dtypes = dtype_name(compute_dtype), dtype_name(lora_dtype)
-    streaming = streaming_available()
-    plan = plan_for_config(config, *dtypes, gpu, host, streaming=streaming)
+    plan = plan_for_config(config, *dtypes, gpu, host)
     logger.info(format_table(plan, f"memory plan for {gib(gpu)} of GPU memory and {gib(host)} of host RAM:"))
     if plan.fits:
         return plan
     chosen = _user_choices(config)
     if chosen:
-        free = plan_for_config(config, *dtypes, gpu, host, free_choices=True, streaming=streaming)
+        free = plan_for_config(config, *dtypes, gpu, host, free_choices=True)
         if free.fits:
             logger.warning(f"warning: with {' '.join(chosen)}, {plan.explanation}; without them the plan fits "
                            f"with offload_activations={str(free.offload_activations).lower()}, "
-                           f"loss_chunk_size={free.loss_chunk_size}. Keeping your settings.")
+                           f"loss_chunk_size={free.loss_chunk_size}, resident_layers={free.resident_layers}. "
+                           f"Keeping your settings.")
             return plan
-    hint = ""
-    if not streaming and plan_for_config(config, *dtypes, gpu, host, free_choices=True).fits:
-        hint = "; it would fit with decoder layers streamed from host RAM, which this build cannot do yet"
-    raise UserError(f"{plan.explanation}{hint} (the memory plan above has every row)")
+    raise UserError(f"{plan.explanation} (the memory plan above has every row)")
+
+
+def stream_arguments(stream: StreamArguments, plan: Optional[MemoryPlan]) -> StreamArguments:
+    """The streaming settings to load with: the user's --resident_layers, else the plan's when it streams."""
+    if stream.resident_layers >= 0 or plan is None or not plan.streamed_layers:
+        return stream
+    logger.info(f"streaming {plan.streamed_layers} decoder layers from host RAM, as planned")
+    return dataclasses.replace(stream, resident_layers=plan.resident_layers, layers_in_flight=plan.layers_in_flight)
 
 
 def apply_memory_settings(model: nn.Module, config: RunConfig, plan: Optional[MemoryPlan],
@@ -183,9 +184,6 @@ def plan_command(argv: list[str]) -> int:
     else:
         print(format_table(plan, f"{args.model}: {compute} compute, r={config.lora.lora_r}, {config.train.optim}, "
                                  f"{gib(gpu)} of GPU memory, {gib(host)} of host RAM"))
-        if plan.streamed_layers and not streaming_available():
-            print("note: this build cannot stream decoder layers yet (qlora_kit/memory/stream.py), so the recipe "
-                  "refuses plans that need it")
     return 0 if plan.fits else 1
 
 

@@ -149,7 +149,7 @@ def paged_state_bytes(numels: list[int], optim: str, param_bytes: int) -> int:
 class RunSettings:
     """The run fields the memory depends on (the recipe's names), with the planner's knobs.
 
-    `offload_activations` and `loss_chunk_size` left as None are the planner's to choose;
+    `offload_activations`, `loss_chunk_size` and `resident_layers` left as None are the planner's to choose;
     `loss_chunk_size` 0 is the plain loss over full logits.
     """
 
@@ -168,6 +168,7 @@ class RunSettings:
     padded_batches: bool = True
     offload_activations: Optional[bool] = None
     loss_chunk_size: Optional[int] = None
+    resident_layers: Optional[int] = None  # decoder layers on the GPU; None: the planner's choice
     trained_fraction: float = 1.0  # share of positions with a label; the chunked loss skips the rest
 
     @property

@@ -217,12 +217,15 @@ def _fits(shape: ModelShape, s: RunSettings, resident: int, offload: bool, chunk
 def _candidates(shape: ModelShape, s: RunSettings, streaming: bool) -> list[tuple[int, bool]]:
     """(resident layers, offload) in order of preference: fastest first."""
     L = shape.num_layers
-    residents = range(L, -1, -1) if streaming else [L]
+    if s.resident_layers is not None:
+        residents = [min(s.resident_layers, L)]
+    else:
+        residents = range(L, -1, -1) if streaming else [L]
     if not s.gradient_checkpointing:
         return [(r, False) for r in residents]
     if s.offload_activations is not None:
         return [(r, s.offload_activations) for r in residents]
-    return [(L, False)] + [(r, True) for r in residents]
+    return [(residents[0], False)] + [(r, True) for r in residents]
 
 
 def _largest(fits, low: int, high: int) -> int:

@@ -21,10 +21,13 @@ from qlora_kit.data.dataset import build_datasets
 from qlora_kit.errors import exit_on_user_error
 from qlora_kit.export.cli import export_run
 from qlora_kit.log import logger, setup_logging
-from qlora_kit.memory.apply import apply_memory_settings, plan_for_run
-from qlora_kit.model.load import choose_compute_dtype, load_quantized_model, load_tokenizer
+from qlora_kit.memory.apply import apply_memory_settings, plan_for_run, stream_arguments
+from qlora_kit.memory.reorder import layer_major_driver
+from qlora_kit.memory.stream import setup_streaming
+from qlora_kit.model.load import choose_compute_dtype, load_tokenizer
 from qlora_kit.model.lora import (add_lora, choose_lora_dtype, enable_gradient_checkpointing, log_dtype_choice,
                                   trainable_report)
+from qlora_kit.model.stream_load import load_model
 from qlora_kit.output import check_output_dir, check_resume, finish_run, prepare_output_dir, run_identity
 from qlora_kit.sources import resolve_model
 from qlora_kit.train.checkpoint import TrainState, check_checkpoint_space
@@ -71,11 +74,15 @@ def run(config: RunConfig) -> RunResult:
     lora_dtype = choose_lora_dtype(config.lora.lora_dtype, compute_dtype)
     log_dtype_choice(compute_dtype, lora_dtype)
     plan = plan_for_run(config, model_dir, accelerator.device, compute_dtype, lora_dtype)  # None: no GPU, or --gpu_memory none
-    model = load_quantized_model(model_dir, config.model, compute_dtype, accelerator.device)
+    stream = stream_arguments(config.stream, plan)
+    model = load_model(model_dir, config.model, stream, compute_dtype, accelerator.device)
+    streamer = setup_streaming(model, stream.resident_layers, stream.layers_in_flight, accelerator.device)
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = add_lora(model, config.lora, lora_dtype)
     apply_memory_settings(model, config, plan, accelerator.device)
+    step_driver = layer_major_driver(model, streamer, stream.layer_major_accumulation,
+                                     config.train.gradient_accumulation_steps, accelerator.num_processes, accelerator.device)
     logger.info(trainable_report(model))
     check_checkpoint_space(run_dir, model, config.train.optim)
 
@@ -97,7 +104,7 @@ def run(config: RunConfig) -> RunResult:
 
     # Train, then save the adapter and the loss plot.
     state = train(model, train_data, eval_data, config.train, accelerator, run_dir,
-                  pad_id=tokenizer.pad_token_id, resume_dir=resume_dir)
+                  pad_id=tokenizer.pad_token_id, resume_dir=resume_dir, step_driver=step_driver)
     if accelerator.is_main_process:
         finish_run(run_dir, accelerator.unwrap_model(model))
         if config.export.export_merged:

@@ -119,6 +119,19 @@ def evaluate(model, dataset: Dataset, batch_size: int, pad_id: int, device: torc
     return loss_sum.item() / max(tokens, 1)
 
 
+def accumulate_step(model, micro_batches: list[dict], step_trained: int, accelerator: Accelerator) -> torch.Tensor:
+    """Forward and backward of a step's micro-batches (gradients synchronised on the last); the summed token loss."""
+    step_loss = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        last = i == len(micro_batches) - 1
+        with nullcontext() if last else accelerator.no_sync(model):
+            loss_sum = batch_loss_sum(model, batch)
+            accelerator.backward(loss_sum / max(step_trained, 1))
+        step_loss += loss_sum.detach()
+    return step_loss
+
+
 def train(
     model,
     train_dataset: Dataset,
@@ -128,8 +141,12 @@ def train(
     run_dir: Path,
     pad_id: int,
     resume_dir: Optional[Path] = None,
+    step_driver: Optional[Callable[[list, int], torch.Tensor]] = None,
 ) -> TrainState:
     """Train the LoRA parameters of `model`; save checkpoints and log metrics in run_dir.
+
+    `step_driver(micro_batches, step_trained)`, when given, runs a step's forward and backward
+    itself and returns its summed token loss (qlora_kit.memory.reorder: layer-major order).
 
     Raises:
         TrainingStopped: SIGINT/SIGTERM arrived; a checkpoint was written (exit code 128 + signal).
@@ -170,14 +187,10 @@ def train(
             step = next(batches)
             step_trained = int(sum(count_trained_tokens(b["labels"]) for b in step.micro_batches))
             step_inputs = int(sum(b["attention_mask"].sum() for b in step.micro_batches))
-            step_loss = torch.zeros((), device=device)
-            for i, batch in enumerate(step.micro_batches):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                last = i == len(step.micro_batches) - 1
-                with nullcontext() if last else accelerator.no_sync(model):
-                    loss_sum = batch_loss_sum(model, batch)
-                    accelerator.backward(loss_sum / max(step_trained, 1))
-                step_loss += loss_sum.detach()
+            if step_driver is not None:  # layer-major order: it runs forward and backward of the whole step
+                step_loss = step_driver(step.micro_batches, step_trained).detach()
+            else:
+                step_loss = accumulate_step(model, step.micro_batches, step_trained, accelerator)
             grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
             applied = guard.check(step_loss, grad_norm)  # on the device: a non-finite step changes nothing
             prepared_optimizer.step()
