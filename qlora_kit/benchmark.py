@@ -10,7 +10,9 @@ linear projection):
   "all-linear" LoRA, paged AdamW 32-bit, batches padded to their longest example in data order,
   and the model's own loss from `labels` (full logits).
 - qlora_kit: the recipe's own path (load, LoRA, optimizer, batches and loss as the chat recipe
-  builds them).
+  builds them): no fp32 upcast of the frozen weights, packed rows (--packing true) so no padding is
+  computed, and the chunked loss, which applies lm_head only to trained positions and never holds
+  the full logits.
 
 `run_side` runs one side in this process and returns its figures; `compare` runs each side in its
 own subprocess, interleaved (A B A B ...), and reports medians and ratios. tools/bench.py is the
@@ -23,7 +25,6 @@ import json
 import math
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from typing import Any, Optional
 import torch
 
 from qlora_kit.data.tokenize import IGNORE_INDEX
+from qlora_kit.memory.track import peak_rss_bytes
 
 # Dense bf16 tensor-core peaks (FLOP/s) for the MFU figure, by device-name fragment.
 BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12, "A6000": 155e12}
@@ -149,12 +151,18 @@ def qlora_kit_setup(settings: BenchSettings, device: torch.device, dtype: torch.
 
 
 def qlora_kit_batches(examples: list[dict], settings: BenchSettings, pad_id: int):
-    """Batches as the recipe forms them."""
-    from qlora_kit.data.batches import collate, epoch_batches
+    """Batches as the recipe forms them with --packing true: rows of whole sequences, each attending to itself."""
+    from datasets import Dataset
 
-    lengths = [len(e["input_ids"]) for e in examples]
+    from qlora_kit.data.batches import collate, epoch_batches
+    from qlora_kit.data.packing import pack_dataset
+
+    table = Dataset.from_list([{**e, "length": len(e["input_ids"])} for e in examples])
+    rows, _ = pack_dataset(table, settings.seq_len)
+    rows = rows.to_list()
+    lengths = [len(r["input_ids"]) for r in rows]
     for indices in epoch_batches(lengths, settings.batch_size, settings.seed, 0):
-        yield collate([examples[i] for i in indices], pad_id)
+        yield collate([rows[i] for i in indices], pad_id)
 
 
 def qlora_kit_step(model, optimizer, batch: dict[str, torch.Tensor]) -> None:
@@ -211,7 +219,7 @@ def run_side(side: str, settings: BenchSettings) -> dict[str, Any]:
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     result = {"side": side, "lora_b_norm": float(torch.stack([b.float().norm() for b in lora_b]).norm()), "device": _device_name(device), "compute_dtype": str(dtype).removeprefix("torch."),
               "tokens_per_second": tokens / seconds, "seconds_per_step": statistics.median(times),
-              "trained_tokens": tokens, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+              "trained_tokens": tokens, "peak_rss_bytes": peak_rss_bytes()}
     if device.type == "cuda":
         result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
         result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()

@@ -78,6 +78,19 @@ def test_demo_model_resumed_at_step_3_matches_the_straight_run(straight_run, tmp
         assert (resumed / "checkpoints/step-6" / name).read_bytes() == (straight_run / "checkpoints/step-6" / name).read_bytes()
 
 
+@pytest.mark.slow
+def test_a_packed_run_resumed_at_step_2_matches_the_straight_run(tmp_path, demo_model_dir):
+    flags = DEMO_FLAGS + ["--packing", "true", "--max_steps", "4", "--save_steps", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(parse(flags + ["--output_dir", str(straight)]))
+    run(parse(flags + ["--output_dir", str(resumed),
+                       "--resume_from_checkpoint", str(straight / "checkpoints" / "step-2")]))
+    losses = {r["step"]: r["loss"] for r in MetricsLog(straight / "metrics.jsonl").rows()}
+    again = {r["step"]: r["loss"] for r in MetricsLog(resumed / "metrics.jsonl").rows()}
+    assert list(again) == [1, 2, 3, 4] and again == losses  # to the last bit
+    assert (resumed / "adapter_model.safetensors").read_bytes() == (straight / "adapter_model.safetensors").read_bytes()
+
+
 @pytest.fixture(scope="module")
 def demo_identity(straight_run, demo_model_dir, demo_tokenizer):
     identities = {}
@@ -104,6 +117,7 @@ def test_harmless_changes_are_allowed_and_listed(straight_run, demo_identity):
 @pytest.mark.parametrize("flags, expected", [
     (["--lora_r", "16"], "lora_r 8 -> 16 (the LoRA shape)"),
     (["--max_seq_length", "48"], "the training tokens differ (max_seq_length 64 -> 48)"),
+    (["--packing", "true"], "the training tokens differ (packing False -> True)"),
     (["--seed", "7"], "seed 42 -> 7 (the data order)"),
     (["--per_device_train_batch_size", "4"], "per_device_train_batch_size 2 -> 4"),
     (["--optim", "adamw_torch"], "optim 'paged_adamw_8bit' -> 'adamw_torch'"),

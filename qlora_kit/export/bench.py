@@ -1,7 +1,7 @@
 """Measuring the merge: seconds and peak memory of one export in a fresh process, against `cp`.
 
 `measure_merge` runs the export in a child process (`python -m qlora_kit.export.bench`), which
-reports its own peak RSS (getrusage's ru_maxrss, the kernel's high-water mark) and, on CUDA,
+reports its own peak RSS (the kernel's high-water mark, VmHWM) and, on CUDA,
 torch's peak allocated / reserved GPU memory. `copy_seconds` times `cp -r` plus `sync` of the
 same base folder, the baseline the merge is compared with (the merge fsyncs its shards too).
 """
@@ -9,7 +9,6 @@ same base folder, the baseline the merge is compared with (the merge fsyncs its 
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from typing import Optional
 
 import psutil
 import torch
+
+from qlora_kit.memory.track import peak_rss_bytes
 
 CHILD_MARK = "MERGE_MEASUREMENT "
 
@@ -136,7 +137,7 @@ def _child(options_json: str) -> None:
     rss_before = psutil.Process().memory_info().rss
     result = export_merged(options)
     figures = {**asdict(result), "output_dir": str(result.output_dir), "merge_base": options.merge_base,
-               "rss_before_bytes": rss_before, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+               "rss_before_bytes": rss_before, "peak_rss_bytes": peak_rss_bytes()}
     if torch.cuda.is_available() and result.device == "cuda":
         figures["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
         figures["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()

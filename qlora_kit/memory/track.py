@@ -11,7 +11,10 @@ zero when the mode is entered; tensors that existed before are not counted.
 
 from __future__ import annotations
 
+import resource
+import sys
 import weakref
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -58,3 +61,17 @@ class LiveTensorBytes(TorchDispatchMode):
             if isinstance(tensor, torch.Tensor):
                 self._track(tensor, pointers)
         return out
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set: /proc's VmHWM on Linux.
+
+    Not getrusage's ru_maxrss: Linux carries that high-water mark across fork and exec, so a child
+    started from a big process (a test run) would report its parent's size.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
