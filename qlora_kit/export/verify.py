@@ -1,11 +1,15 @@
 """The merged model against the adapter model it came from, next to the noise floor of the dtype.
 
-A fixed set of chat turns runs teacher-forced through four models, one after the other so only one
-is in memory at a time: the NF4 base through the 4-bit kernel, the same base with the adapter (the
-model as trained), that base dequantized and run dense in the export dtype, and the merged model.
-The report gives top-1 agreement and mean / max |logit difference| of merged vs adapter, and the
-same figures for kernel vs dense base: the noise floor of running those very weights in the export
-dtype. A merge into the NF4 base should sit at that floor; a merge into the original weights drifts.
+A fixed set of chat turns runs teacher-forced through the NF4 base through the 4-bit kernel, the
+same base with the adapter (the model as trained), that adapter model with its base dequantized and
+everything run dense in the export dtype (the adapter still unmerged), the base alone run that way,
+and the merged model; one model is in memory at a time. The report gives top-1 agreement and mean /
+max |logit difference| of merged vs adapter, and the same figures for the dense adapter model vs the
+adapter model: the noise floor of running those very weights in the export dtype, which a merge into
+the NF4 base should sit at, while a merge into the original weights drifts past it. The floor is
+taken on the trained model, not the base alone: a fine-tuned model has more near-ties between its top
+two tokens, so the same rounding flips more of them (on the demo after a few steps at a high learning
+rate, 94% top-1 agreement where the base alone gives 98%). The base-alone figures are reported too.
 """
 
 from __future__ import annotations
@@ -123,16 +127,18 @@ def verify_merge(adapter_dir: Path, merged_dir: Path, settings: RunSettings, mer
     kernel = chat_logits(base, inputs, device)
     adapted = PeftModel.from_pretrained(base, str(adapter_dir))
     trained = chat_logits(adapted, inputs, device)
-    base = adapted.unload()
-    base.dequantize()
-    dense = chat_logits(base.to(dtype), inputs, device)
+    adapted.base_model.model.dequantize()  # the same NF4 weights as dense layers; the adapter stays unmerged
+    adapted = adapted.to(dtype)
+    dense = chat_logits(adapted, inputs, device)
+    with adapted.disable_adapter():
+        dense_base = chat_logits(adapted, inputs, device)
     _free(base, adapted)
     merged_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, device_map={"": device},
                                                         trust_remote_code=settings.trust_remote_code,
                                                         attn_implementation=settings.attn_implementation)
     merged = chat_logits(merged_model, inputs, device)
     _free(merged_model)
-    vs_adapter, floor = agreement(merged, trained), agreement(dense, kernel)
+    vs_adapter, floor = agreement(merged, trained), agreement(dense, trained)
     report = {
         "merge_base": merge_base,
         "dtype": str(dtype).removeprefix("torch."),
@@ -141,10 +147,11 @@ def verify_merge(adapter_dir: Path, merged_dir: Path, settings: RunSettings, mer
         "chats": len(CHATS),
         "merged_vs_adapter": asdict(vs_adapter),
         "noise_floor": asdict(floor),
+        "base_noise_floor": asdict(agreement(dense_base, kernel)),
         "within_noise_floor": within_floor(vs_adapter, floor),
         "criterion": (f"merged vs adapter mean |diff| <= {FLOOR_MEAN_RATIO} x floor + {FLOOR_MEAN_SLACK} and top-1 "
-                      f"agreement >= floor - {FLOOR_TOP1_SLACK}; floor: NF4 base through the 4-bit kernel vs the "
-                      f"same base dequantized and run dense in the export dtype"),
+                      f"agreement >= floor - {FLOOR_TOP1_SLACK}; floor: the adapter model (NF4 base through the 4-bit "
+                      f"kernel) vs the same model dequantized and run dense in the export dtype"),
     }
     (merged_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     logger.info(report_line(report))
