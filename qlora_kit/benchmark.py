@@ -116,6 +116,7 @@ def baseline_setup(settings: BenchSettings, device: torch.device, dtype: torch.d
     config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                         target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
+    model.train()  # as Trainer does; from_pretrained returns eval mode, where checkpointing is skipped
     optimizer = bnb.optim.PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     return model, optimizer
 
