@@ -156,3 +156,19 @@ def test_plan_memory_tool_prints_json_and_exits_by_fit():
     too_small = subprocess.run(command[:5] + ["2GiB"] + command[6:-1], capture_output=True, text=True, cwd=ROOT,
                                timeout=300)
     assert too_small.returncode == 1 and "does not fit" in too_small.stdout
+
+
+def test_streaming_follows_the_plan_unless_resident_layers_is_set():
+    from qlora_kit.config import StreamArguments
+    from qlora_kit.memory.apply import stream_arguments
+
+    shape = model_shape("llama-3.1-70b")
+    planned = plan_memory(shape, RunSettings(max_seq_length=4096), 24 * GiB, 128 * GiB)
+    assert planned.streamed_layers > 0
+    stream = stream_arguments(StreamArguments(), planned)
+    assert stream.resident_layers == planned.resident_layers and stream.layers_in_flight == planned.layers_in_flight
+    chosen = plan_memory(shape, RunSettings(max_seq_length=4096, resident_layers=10), 24 * GiB, 128 * GiB)
+    assert chosen.fits and chosen.resident_layers == 10 and chosen.streamed_layers == 70
+    assert stream_arguments(StreamArguments(resident_layers=10), chosen).resident_layers == 10
+    everything = plan_memory(shape, RunSettings(max_seq_length=4096), 80 * GiB, 128 * GiB)
+    assert everything.streamed_layers == 0 and stream_arguments(StreamArguments(), everything).resident_layers == -1
