@@ -9,7 +9,6 @@ import yaml
 from peft import PeftModel
 
 from qlora_kit.config import parse
-from qlora_kit.data.batches import collate
 from qlora_kit.data.dataset import build_datasets
 from qlora_kit.model.load import load_quantized_model
 from qlora_kit.recipes.chat import run

@@ -21,11 +21,6 @@ class MetricsLog:
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
-    def truncate_after(self, step: int) -> None:
-        """Drop rows logged after `step` (a resumed run logs those steps again)."""
-        kept = [row for row in self.rows() if row["step"] <= step]
-        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
-
 
 def plot_loss(rows: list[dict], path: Path) -> None:
     """Training loss (and eval loss, where logged) against the optimizer step."""
