@@ -1,0 +1,172 @@
+"""Peak host RAM of the streaming loader on a random Llama-shaped model written in shards.
+
+The logic of tools/measure_stream_load.py, its command line:
+
+    python tools/measure_stream_load.py                # ~1.1B parameters (TinyLlama's shape), a few minutes on CPU
+    python tools/measure_stream_load.py --layers 4 --vocab 8192   # the size the tests use
+
+Writes the random model layer by layer into safetensors shards (never whole in memory), loads it
+with `qlora_kit.model.stream_load.load_streaming` in a fresh subprocess, and reports as JSON the
+subprocess's peak resident set (VmHWM, reset just before loading) over its resident set before
+loading, next to the bytes of the placed model and the measured working set of one tensor (the
+peak of reading, casting and quantizing the largest tensors alone, in the same process). The
+model folder is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def write_random_model(folder: Path, args: argparse.Namespace) -> dict:
+    """A random bf16 Llama in shards of `shard_layers` decoder layers, written one shard at a time."""
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+                         max_position_embeddings=2048, tie_word_embeddings=False)
+    config.save_pretrained(folder)
+    with init_empty_weights():
+        shapes = [(n, p.shape) for n, p in AutoModelForCausalLM.from_config(config).named_parameters()]
+    groups: dict[str, list] = {}
+    for name, shape in shapes:
+        layer = name.split("layers.")[1].split(".")[0] if ".layers." in name else None
+        key = f"layers-{int(layer) // args.shard_layers:03d}" if layer is not None else "rest"
+        groups.setdefault(key, []).append((name, shape))
+    weight_map, total, largest = {}, 0, 0
+    generator = torch.Generator().manual_seed(0)
+    for key, members in groups.items():
+        tensors = {name: (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16) for name, shape in members}
+        save_file(tensors, str(folder / f"{key}.safetensors"), metadata={"format": "pt"})
+        for name, tensor in tensors.items():
+            weight_map[name] = f"{key}.safetensors"
+            total += tensor.numel()
+            largest = max(largest, tensor.numel())
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return {"parameters": total, "checkpoint_bytes": 2 * total, "largest_tensor_elements": largest}
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def measure(folder: Path, dtype_name: str, cache: str | None = None) -> dict:
+    """In this process: load the folder with the streaming loader and report the peak resident set."""
+    import torch
+    import bitsandbytes as bnb
+
+    from qlora_kit.config import ModelArguments
+    from qlora_kit.model.load import DTYPES
+    from qlora_kit.model.stream_load import load_streaming
+
+    args = ModelArguments(model_name_or_path=str(folder))
+    before = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+    started = time.perf_counter()
+    model = load_streaming(folder, args, DTYPES[dtype_name], torch.device("cpu"), quantized_cache=cache)
+    seconds = time.perf_counter() - started
+    peak = _status("VmHWM")
+    storages = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        state = getattr(tensor, "quant_state", None)
+        if isinstance(tensor, bnb.nn.Params4bit) and state is not None:
+            for part in (state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code):
+                storages[part.untyped_storage().data_ptr()] = part.untyped_storage().nbytes()
+    result = {"rss_before_load": before, "peak_rss": peak, "peak_over_before": peak - before,
+              "placed_bytes": sum(storages.values()), "load_seconds": round(seconds, 1)}
+    if cache is None:
+        result["one_tensor_bytes"] = one_tensor_working_set(folder, DTYPES[dtype_name])
+    return result
+
+
+def one_tensor_working_set(folder: Path, dtype) -> int:
+    """Peak resident set of reading, casting and (for a projection) quantizing the largest tensors, alone."""
+    import bitsandbytes as bnb
+
+    from qlora_kit.model.stream_load import read_checkpoint, release_freed_memory
+
+    shards = sorted(folder.glob("*.safetensors"))
+    sizes = {}
+    for key, tensor in read_checkpoint(shards):
+        sizes[key] = tensor.numel()
+    projection = max((k for k in sizes if "_proj." in k), key=sizes.get)
+    other = max((k for k in sizes if "_proj." not in k), key=sizes.get)
+    worst = 0
+    for wanted in (projection, other):
+        release_freed_memory()
+        before = _status("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")
+        for key, tensor in read_checkpoint(shards):
+            if key == wanted:
+                value = tensor.to(dtype)
+                if key == projection:
+                    value = bnb.nn.Params4bit(value, requires_grad=False, quant_type="nf4", blocksize=64,
+                                              compress_statistics=True).to("cpu")
+                del value
+            del tensor
+        worst = max(worst, _status("VmHWM") - before)
+    return worst
+
+
+def _child(folder: Path, dtype: str, cache: Path | None = None) -> dict:
+    command = [sys.executable, "-m", "qlora_kit.model.measure_load", "--measure", str(folder), "--dtype", dtype]
+    if cache is not None:
+        command += ["--cache_dir", str(cache)]
+    child = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv_heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--shard_layers", type=int, default=2, help="decoder layers per safetensors shard")
+    parser.add_argument("--dtype", default="float32", help="compute dtype of the load (float32 on CPU)")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--cache", action="store_true",
+                        help="also load with --quantized_cache twice (writing it, then reading it)")
+    parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # the subprocess's side
+    parser.add_argument("--cache_dir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(Path(args.measure), args.dtype, args.cache_dir)))
+        return
+    folder = Path(tempfile.mkdtemp(prefix="qlora_kit-stream-load-"))
+    cached = {}
+    try:
+        written = write_random_model(folder / "model", args)
+        measured = _child(folder / "model", args.dtype)
+        if args.cache:
+            for run in ("cache_write", "cache_read"):
+                cached[run] = _child(folder / "model", args.dtype, folder / "nf4-cache")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    result = {**written, **measured, "dtype": args.dtype,
+              "peak_over_placed_bytes": measured["peak_over_before"] - measured["placed_bytes"], **cached}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
