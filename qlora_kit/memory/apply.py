@@ -84,19 +84,18 @@ def _user_choices(config: RunConfig) -> list[str]:
 
 
 def plan_for_config(config: RunConfig, compute_dtype: str, lora_dtype: str, gpu: int, host: int,
-                    free_choices: bool = False, streaming: bool = True) -> MemoryPlan:
+                    free_choices: bool = False) -> MemoryPlan:
     """Plan a parsed run configuration for `gpu` bytes of GPU memory and `host` bytes of host RAM.
 
     Args:
-        free_choices: let the planner choose offload and chunk size even where the user set them.
-        streaming: let the plan stream decoder layers from host RAM.
+        free_choices: let the planner choose offload, chunk size and resident layers even where the user set them.
     """
     model_config = load_model_config(config.model.model_name_or_path, config.model.trust_remote_code)
     shape = shape_from_model(meta_model(model_config, config.model.trust_remote_code), model_config)
     settings = run_settings(config, compute_dtype, lora_dtype)
     if free_choices:
         settings = dataclasses.replace(settings, offload_activations=None, loss_chunk_size=None, resident_layers=None)
-    return plan_memory(shape, settings, gpu, host, getattr(model_config, "max_position_embeddings", None), streaming)
+    return plan_memory(shape, settings, gpu, host, getattr(model_config, "max_position_embeddings", None))
 
 
 def plan_for_run(config: RunConfig, model_dir: Path, device: torch.device, compute_dtype: torch.dtype,

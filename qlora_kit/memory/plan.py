@@ -214,13 +214,10 @@ def _fits(shape: ModelShape, s: RunSettings, resident: int, offload: bool, chunk
     return _shortfall(shape, s, resident, offload, chunk, gpu, host) == 0
 
 
-def _candidates(shape: ModelShape, s: RunSettings, streaming: bool) -> list[tuple[int, bool]]:
+def _candidates(shape: ModelShape, s: RunSettings) -> list[tuple[int, bool]]:
     """(resident layers, offload) in order of preference: fastest first."""
     L = shape.num_layers
-    if s.resident_layers is not None:
-        residents = [min(s.resident_layers, L)]
-    else:
-        residents = range(L, -1, -1) if streaming else [L]
+    residents = [min(s.resident_layers, L)] if s.resident_layers is not None else range(L, -1, -1)
     if not s.gradient_checkpointing:
         return [(r, False) for r in residents]
     if s.offload_activations is not None:
@@ -239,16 +236,12 @@ def _largest(fits, low: int, high: int) -> int:
 
 
 def plan_memory(shape: ModelShape, settings: RunSettings, gpu_bytes: int, host_bytes: int,
-                max_position: Optional[int] = None, streaming: bool = True) -> MemoryPlan:
-    """Choose what stays on the GPU for this run on this card, and say whether it fits.
-
-    Args:
-        streaming: whether decoder layers may stream from host RAM (False: every layer resident).
-    """
+                max_position: Optional[int] = None) -> MemoryPlan:
+    """Choose what stays on the GPU for this run on this card, and say whether it fits."""
     s = settings
     chunk = default_chunk_size(shape.vocab_size) if s.loss_chunk_size is None else s.loss_chunk_size
     shortfalls = [(_shortfall(shape, s, r, o, chunk, gpu_bytes, host_bytes), (r, o))
-                  for r, o in _candidates(shape, s, streaming)]
+                  for r, o in _candidates(shape, s)]
     chosen = next((candidate for short, candidate in shortfalls if short == 0), None)
     fits = chosen is not None
     resident, offload = chosen if fits else min(shortfalls, key=lambda item: item[0])[1]

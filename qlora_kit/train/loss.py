@@ -23,6 +23,7 @@ wrapper (DDP needs its own forward to synchronise gradients), so the plain loss 
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import re
 import textwrap
@@ -111,8 +112,12 @@ def _flatten(statements: list[ast.stmt]) -> list[str]:
     return lines
 
 
-def _head_statements(forward: Callable) -> Optional[list[str]]:
-    """The statements from the decoder's output to the loss in a causal-LM forward, or None if unreadable."""
+@functools.lru_cache(maxsize=None)
+def _head_statements(forward: Callable) -> Optional[tuple[str, ...]]:
+    """The statements from the decoder's output to the loss in a causal-LM forward, or None if unreadable.
+
+    Cached per forward function: `batch_loss_sum` asks on every micro-batch.
+    """
     try:
         function = ast.parse(textwrap.dedent(inspect.getsource(forward))).body[0]
     except (OSError, TypeError, SyntaxError, IndexError):
@@ -122,7 +127,7 @@ def _head_statements(forward: Callable) -> Optional[list[str]]:
     if start is None:
         return None
     end = next((i for i in range(start, len(lines)) if lines[i].startswith(("loss = ", "return "))), len(lines))
-    return lines[start:end]
+    return tuple(lines[start:end])  # immutable: the cache hands the same one to every caller
 
 
 def logit_head(model: nn.Module) -> Optional[LogitHead]:
