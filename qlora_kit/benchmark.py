@@ -218,7 +218,8 @@ def run_side(side: str, settings: BenchSettings) -> dict[str, Any]:
             tokens += _trained_tokens(batch["labels"])
     seconds = sum(times)
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
-    result = {"side": side, "lora_b_norm": float(torch.stack([b.float().norm() for b in lora_b]).norm()), "device": _device_name(device), "compute_dtype": str(dtype).removeprefix("torch."),
+    result = {"side": side, "lora_b_norm": float(torch.stack([b.float().norm() for b in lora_b]).norm()),
+              "device": _device_name(device), "compute_dtype": str(dtype).removeprefix("torch."),
               "tokens_per_second": tokens / seconds, "seconds_per_step": statistics.median(times),
               "trained_tokens": tokens, "peak_rss_bytes": peak_rss_bytes()}
     if device.type == "cuda":
