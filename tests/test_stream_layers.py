@@ -7,6 +7,7 @@ import torch
 
 from qlora_kit.config import ModelArguments, parse
 from qlora_kit.errors import UserError
+from qlora_kit.memory.pinned import aligned
 from qlora_kit.memory.stream import LayerStreamer, materialised_layers, setup_streaming
 from qlora_kit.model.load import load_quantized_model
 from qlora_kit.model.targets import find_decoder_blocks
@@ -110,6 +111,15 @@ def test_close_brings_every_layer_back(folder):
     assert materialised_layers(model) == list(range(LAYERS))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_streamed_layers_are_held_in_host_memory_without_round_up(folder):
+    model, streamer = lora_model(folder, resident_layers=2)
+    weights = [m.weight for i in streamer.streamed for m in streamer.layers[i].modules]
+    host = [t for i in streamer.streamed for t in streamer.layers[i].host]
+    streamed_bytes = sum(aligned(t.numel() * t.element_size()) for t in host)  # each tensor 512-byte aligned
+    assert all(w.untyped_storage().nbytes() == 0 for w in weights)  # the device copies are gone
+    assert streamed_bytes <= streamer.arena.reserved_bytes <= 1.05 * streamed_bytes
 
 
 def test_in_flight_must_be_positive(folder):

@@ -227,7 +227,8 @@ def build_model(shape: dict, device: torch.device, dtype: torch.dtype, streamed:
     config = LlamaConfig(**shape, max_position_embeddings=max(4096, args.seq), tie_word_embeddings=False)
     model = build_empty_model(config, ModelArguments(), dtype)
     blocks_path, _ = find_decoder_blocks(model)
-    streamer = LayerStreamer(model, [], device, layers_in_flight=args.in_flight, measure=True)
+    streamer = LayerStreamer(model, [], device, layers_in_flight=args.in_flight, measure=True,
+                             expected_host_bytes=len(streamed) * layer_nf4_bytes(shape))
     placement = Placement(device, blocks_path)
     placer = TensorPlacer(model, placement, dtype)
     names = [(n, p.shape, n.endswith("norm.weight")) for n, p in model.named_parameters()]
@@ -435,7 +436,7 @@ def main() -> None:
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, TrainArguments(optim="paged_adamw_8bit", learning_rate=1e-4), device)
-    pinned = sum(layer.block.numel() for layer in streamer.layers.values())
+    pinned = streamer.arena.reserved_bytes
     report["build"] = {"seconds": round(time.perf_counter() - began, 1), "resident_layers": resident,
                        "streamed_layers": len(streamed), "pinned_host_gib": round(pinned / GIB, 2),
                        "nf4_layer_mib": round(layer_nf4_bytes(shape) / (1 << 20), 1),

@@ -32,6 +32,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from qlora_kit.memory.pinned import PinnedArena
+
 
 class _Offloaded:
     """One layer input: on the host after forward, back on the device (prefetched) for backward."""
@@ -46,7 +48,7 @@ class _Offloaded:
 class ActivationOffloader:
     """Moves checkpointed layer inputs to pinned host memory and back, overlapping copies with compute."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, expected_bytes: int = 0) -> None:
         self.on_cuda = device.type == "cuda"
         if self.on_cuda and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -54,6 +56,10 @@ class ActivationOffloader:
         self.copy_stream = torch.cuda.Stream(device) if self.on_cuda else None
         self._last: Optional[_Offloaded] = None
         self.offloaded_bytes = 0  # bytes sent to the host, for reports and tests
+        # Host copies, on a GPU: reused once every layer input taken has been fetched back (or its graph
+        # dropped). Reuse is safe because both directions of every copy run on `copy_stream`, in order.
+        self.arena = PinnedArena(pin=True, expected_bytes=expected_bytes) if self.on_cuda else None
+        self.live: weakref.WeakSet[_Offloaded] = weakref.WeakSet()
         self.replaced: list[tuple[nn.Module, Callable]] = []
 
     def disable(self) -> None:
@@ -66,7 +72,9 @@ class ActivationOffloader:
         """Start copying `tensor` to pinned host memory; the caller may drop its reference at once."""
         event = None
         if self.on_cuda:
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            if not self.live:
+                self.arena.reset()
+            host = self.arena.empty(tensor.shape, tensor.dtype)
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.copy_stream):
                 host.copy_(tensor, non_blocking=True)
@@ -77,6 +85,7 @@ class ActivationOffloader:
             host = tensor  # already in host memory: nothing to move
         self.offloaded_bytes += tensor.numel() * tensor.element_size()
         self._last = _Offloaded(host, event, self._last)
+        self.live.add(self._last)
         return self._last
 
     def prefetch(self, handle: Optional[_Offloaded]) -> None:
@@ -100,6 +109,7 @@ class ActivationOffloader:
             current.wait_event(handle.event)
             tensor.record_stream(current)
         handle.host = handle.device_copy = None
+        self.live.discard(handle)
         self.prefetch(handle.previous() if handle.previous is not None else None)
         return tensor
 
@@ -151,13 +161,16 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         return None, None, hidden.grad
 
 
-def enable_activation_offload(model: nn.Module, device: torch.device) -> ActivationOffloader:
+def enable_activation_offload(model: nn.Module, device: torch.device, expected_bytes: int = 0) -> ActivationOffloader:
     """Offload the inputs of every checkpointed layer of `model` (gradient checkpointing must be on).
+
+    `expected_bytes`: the layer inputs of one micro-batch, as the memory plan counts them (sizes the
+    pinned slabs; 0 if unknown).
 
     Returns:
         The offloader, whose `offloaded_bytes` counts what went to the host; `disable()` undoes it.
     """
-    offloader = ActivationOffloader(device)
+    offloader = ActivationOffloader(device, expected_bytes)
     layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
     if not layers:
         raise ValueError("activation offload needs gradient checkpointing: enable it first")

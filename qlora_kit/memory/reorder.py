@@ -36,6 +36,7 @@ from torch import nn
 
 from qlora_kit.errors import UserError
 from qlora_kit.log import notice_once
+from qlora_kit.memory.pinned import PinnedArena
 from qlora_kit.memory.stream import LayerStreamer
 from qlora_kit.model.targets import find_decoder_blocks
 from qlora_kit.train.loss import batch_loss_sum
@@ -60,11 +61,18 @@ class _HostStash:
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.arena = PinnedArena(pin=True) if self.cuda else None
+
+    def reset(self, expected_bytes: int) -> None:
+        """The last step's boundaries are dead. Safe on a GPU: the next step's copies out wait on the
+        compute stream, which ran the last step's copies back."""
+        if self.cuda:
+            self.arena.reset(expected_bytes)
 
     def put(self, tensor: torch.Tensor) -> torch.Tensor:
         if not self.cuda:
             return tensor.detach()
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host = self.arena.empty(tensor.shape, tensor.dtype)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             host.copy_(tensor.detach(), non_blocking=True)
@@ -104,10 +112,13 @@ class LayerMajorStep:
         """Forward and backward of all micro-batches; the LoRA gradients accumulate. Returns the summed token loss."""
         batches = [{k: v.to(self.device) for k, v in batch.items()} for batch in micro_batches]
         with self._driving():
-            firsts, calls = zip(*(self._capture(batch) for batch in batches))
-            stored, top, states = self._forward(list(firsts), list(calls))
-            loss, grads = self._head(batches, top, step_trained)
-            self._backward(list(calls), stored, grads, states)
+            captured = [self._capture(batch) for batch in batches]
+            hidden, calls = [h for h, _ in captured], [c for _, c in captured]
+            del captured  # each boundary lives in one place only: `hidden`, then the host stash
+            self.stash.reset(sum(h.numel() * h.element_size() for h in hidden) * len(self.blocks))
+            stored, states = self._forward(hidden, calls)
+            loss, grads = self._head(batches, hidden, step_trained)
+            self._backward(calls, stored, grads, states)
         return loss
 
     # ---- the four stages --------------------------------------------------------------------
@@ -138,7 +149,10 @@ class LayerMajorStep:
         return first[0], calls
 
     def _forward(self, current: list[torch.Tensor], calls: list[list[_LayerCall]]):
-        """All micro-batches through each layer in turn, without gradients; stash every layer's input."""
+        """All micro-batches through each layer in turn, without gradients; stash every layer's input.
+
+        `current` holds each micro-batch's first-layer input and ends holding its top boundary.
+        """
         count = len(self.blocks)
         stored: list[list[torch.Tensor]] = [[] for _ in current]
         states: list[list[Any]] = [[] for _ in current]
@@ -154,14 +168,15 @@ class LayerMajorStep:
                     current[g] = _hidden(output)
             if index != count - 1:
                 self._drop(index)
-        return stored, current, states
+        return stored, states
 
     def _head(self, batches: list[dict], top: list[torch.Tensor], step_trained: int):
-        """Final norm, lm_head and loss of each micro-batch from the top boundary, with their backward."""
+        """Final norm, lm_head and loss of each micro-batch from its top boundary (`top`, emptied), and their backward."""
         total = torch.zeros((), device=self.device)
         grads = []
-        for batch, hidden in zip(batches, top):
-            leaf = hidden.detach().requires_grad_(True)
+        for g, batch in enumerate(batches):
+            leaf = top[g].detach().requires_grad_(True)
+            top[g] = None  # from here on its gradient stands in for it
 
             def replay(index: int, leaf=leaf):
                 def forward(*args, **kwargs):

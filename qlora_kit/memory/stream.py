@@ -1,8 +1,10 @@
 """Layer streaming: frozen NF4 decoder layers wait in pinned host RAM and reach the GPU just in time.
 
 What streams: for each streamed decoder layer, the packed NF4 weight of every bitsandbytes
-`Linear4bit` and its 8-bit block scales (`quant_state.absmax`), all but kilobytes of the layer, packed
-into one pinned host block per layer. The rest (norms, biases, the tiny second-level
+`Linear4bit` and its 8-bit block scales (`quant_state.absmax`), all but kilobytes of the layer, held
+in pinned host memory (`qlora_kit.memory.pinned`: slabs of exact power-of-two sizes, which torch's
+pinned allocator does not round up; 0.5% over the layers' bytes for 46 streamed 70B layers, where
+one pinned block per layer took 21.7% more). The rest (norms, biases, the tiny second-level
 quantization state) and all LoRA weights, their gradients and the optimizer state stay on the GPU.
 
 How: the module's own tensors stay in place and only their storage comes and goes
@@ -50,11 +52,9 @@ from torch import nn
 
 from qlora_kit.errors import UserError
 from qlora_kit.log import notice_once
+from qlora_kit.memory.pinned import PinnedArena, aligned
 from qlora_kit.model.stream_load import streamed_layer_indices
 from qlora_kit.model.targets import find_decoder_blocks
-
-ALIGN = 512  # bytes; every tensor in a layer's pinned block starts on this boundary
-
 
 @dataclass
 class StreamStats:
@@ -77,8 +77,7 @@ class _Layer:
 
     index: int
     modules: list[bnb.nn.Linear4bit]
-    host: list[torch.Tensor]
-    block: torch.Tensor  # the pinned host block holding every host copy
+    host: list[torch.Tensor]  # in the streamer's pinned arena
     state: str = "away"  # away | copying | here
     event: object = None
     timing: list = field(default_factory=list)
@@ -111,7 +110,8 @@ class LayerStreamer:
     """Streams the given decoder layers of a model from host RAM to `device`."""
 
     def __init__(self, model: nn.Module, streamed: Iterable[int], device: torch.device,
-                 layers_in_flight: int = 2, measure: bool = False):
+                 layers_in_flight: int = 2, measure: bool = False, expected_host_bytes: int = 0):
+        """`expected_host_bytes`: what layers streamed later with `stream_layer` will take, if any."""
         if layers_in_flight < 1:
             raise UserError(f"--layers_in_flight must be at least 1, got {layers_in_flight}")
         self.model = model
@@ -126,19 +126,28 @@ class LayerStreamer:
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self._hooks = []
-        for index in sorted(streamed):
+        streamed = sorted(streamed)
+        self.arena = PinnedArena(pin=self.cuda, expected_bytes=self._host_bytes(streamed) + expected_host_bytes)
+        for index in streamed:
             self.stream_layer(index)
         self._install_hooks()
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # the first layer's input gradient ends its backward
 
     # ---- set-up -------------------------------------------------------------------------------
-    def stream_layer(self, index: int) -> None:
-        """Copy a layer's 4-bit weights into one pinned host block; leave storage-less tensors behind."""
+    def _host_sources(self, index: int) -> tuple[list[bnb.nn.Linear4bit], list[torch.Tensor]]:
+        """A layer's 4-bit modules, and the tensors of theirs that stream: packed weights and block scales."""
         modules = [m for m in self.blocks[index].modules() if isinstance(m, bnb.nn.Linear4bit)]
         if not modules:
             raise UserError(f"decoder layer {index} has no 4-bit projection to stream")
-        sources = []
+        return modules, [t for m in modules for t in (m.weight.data, m.weight.quant_state.absmax)]
+
+    def _host_bytes(self, indices: list[int]) -> int:
+        return sum(aligned(t.numel() * t.element_size()) for i in indices for t in self._host_sources(i)[1])
+
+    def stream_layer(self, index: int) -> None:
+        """Copy a layer's 4-bit weights into pinned host memory; leave storage-less tensors behind."""
+        modules, sources = self._host_sources(index)
         for module in modules:
             state = module.weight.quant_state
             state.code = state.code.to(self.device)  # the small part of the state stays on the device
@@ -146,22 +155,15 @@ class LayerStreamer:
                 state.offset = state.offset.to(self.device)
                 state.state2.absmax = state.state2.absmax.to(self.device)
                 state.state2.code = state.state2.code.to(self.device)
-            sources += [module.weight.data, state.absmax]
-        offsets, total = [], 0
-        for tensor in sources:
-            offsets.append(total)
-            total += -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN
-        block = torch.empty(total, dtype=torch.uint8, pin_memory=self.cuda)
         host = []
-        for tensor, offset in zip(sources, offsets):
-            copy = block[offset:offset + tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape)
-            copy.copy_(tensor)
-            host.append(copy)
+        for tensor in sources:
+            host.append(self.arena.empty(tensor.shape, tensor.dtype))
+            host[-1].copy_(tensor)
         for module in modules:
             module.weight.data = _freed_on_device(module.weight.data, self.device)
             module.weight.quant_state.absmax = _freed_on_device(module.weight.quant_state.absmax, self.device)
             module.support_avx512bf16_for_cpu = False  # its CPU inference path repacks the weight in place
-        self.layers[index] = _Layer(index, modules, host, block)
+        self.layers[index] = _Layer(index, modules, host)
 
     def _install_hooks(self) -> None:
         for index, layer in enumerate(self.blocks):
