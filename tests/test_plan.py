@@ -172,3 +172,30 @@ def test_streaming_follows_the_plan_unless_resident_layers_is_set():
     assert stream_arguments(StreamArguments(resident_layers=10), chosen).resident_layers == 10
     everything = plan_memory(shape, RunSettings(max_seq_length=4096), 80 * GiB, 128 * GiB)
     assert everything.streamed_layers == 0 and stream_arguments(StreamArguments(), everything).resident_layers == -1
+
+
+def test_layer_major_inputs_wait_in_host_ram_and_nothing_is_offloaded():
+    """Streamed layers with 8 micro-batches a step: every micro-batch's layer inputs are held in host RAM."""
+    shape = model_shape("llama-3.1-70b")
+    one = 2048 * 8192 * 2  # one layer input of 2048 tokens, bf16
+    plain = plan_memory(shape, RunSettings(max_seq_length=2048), 24 * GiB, 128 * GiB)
+    layer_major = plan_memory(shape, RunSettings(max_seq_length=2048, layer_major_micro_batches=8), 24 * GiB, 128 * GiB)
+    assert plain.layer_major_micro_batches == 1 and layer_major.layer_major_micro_batches == 8
+    rows = {row.name: row for row in layer_major.rows}
+    assert rows["layer-major boundary hidden states"].bytes == 8 * 80 * one
+    assert rows["layer-major boundary hidden states"].where == "host"
+    assert not layer_major.offload_activations and "checkpointed hidden states" not in rows
+    assert layer_major.host_ram_bytes - plain.host_ram_bytes >= 8 * 80 * one - 80 * one - one
+    assert "go through each layer together" in layer_major.explanation
+    resident = plan_memory(shape, RunSettings(max_seq_length=2048, layer_major_micro_batches=8), 80 * GiB, 128 * GiB)
+    assert resident.streamed_layers == 0 and resident.layer_major_micro_batches == 1  # nothing streams: plain order
+
+
+def test_the_recipe_plans_layer_major_steps_as_it_runs_them():
+    from qlora_kit.config import parse
+    from qlora_kit.memory.apply import run_settings
+
+    base = ["--model_name_or_path", "m", "--gradient_accumulation_steps", "4"]
+    assert run_settings(parse(base), "bfloat16", "bfloat16").layer_major_micro_batches == 4
+    off = parse(base + ["--layer_major_accumulation", "false"])
+    assert run_settings(off, "bfloat16", "bfloat16").layer_major_micro_batches == 1

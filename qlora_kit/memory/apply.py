@@ -57,6 +57,7 @@ def run_settings(config: RunConfig, compute_dtype: str, lora_dtype: str) -> RunS
         offload_activations=config.memory.offload_activations,
         loss_chunk_size=config.memory.loss_chunk_size,
         resident_layers=config.stream.resident_layers if config.stream.resident_layers >= 0 else None,
+        layer_major_micro_batches=config.train.gradient_accumulation_steps if config.stream.layer_major_accumulation else 1,
     )
 
 
@@ -144,7 +145,16 @@ def apply_memory_settings(model: nn.Module, config: RunConfig, plan: Optional[Me
         raise UserError("--offload_activations true needs --gradient_checkpointing true (it offloads the checkpoints)")
     if device.type != "cuda":
         notice_once("activation offload: no GPU, so the checkpoints already live in host memory (same code path, no copies)")
-    return enable_activation_offload(model, device)
+    return enable_activation_offload(model, device, _layer_inputs_bytes(model, plan))
+
+
+def _layer_inputs_bytes(model: nn.Module, plan: Optional[MemoryPlan]) -> int:
+    """The checkpointed layer inputs of one planned micro-batch (0 without a plan)."""
+    if plan is None:
+        return 0
+    config = model.config.get_text_config()
+    dtype = model.get_input_embeddings().weight.dtype
+    return config.num_hidden_layers * plan.micro_batch_size * plan.max_seq_length * config.hidden_size * dtype.itemsize
 
 
 def _planned_dtypes(config: RunConfig) -> tuple[str, str]:

@@ -169,6 +169,7 @@ class RunSettings:
     offload_activations: Optional[bool] = None
     loss_chunk_size: Optional[int] = None
     resident_layers: Optional[int] = None  # decoder layers on the GPU; None: the planner's choice
+    layer_major_micro_batches: int = 1  # micro-batches a step runs layer-major when layers stream; 1: plain order
     trained_fraction: float = 1.0  # share of positions with a label; the chunked loss skips the rest
 
     @property

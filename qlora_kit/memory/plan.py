@@ -11,11 +11,14 @@ recipe and the layer streaming of the frozen base rely on:
   offload_activations       bool: checkpointed hidden states go to pinned host RAM (memory/offload.py)
   loss_chunk_size           trained tokens per loss chunk (0: the plain loss over full logits)
   micro_batch_size, max_seq_length   the run's shape the plan was made for
+  layer_major_micro_batches micro-batches a step runs through each layer together (layers stream and
+                            --layer_major_accumulation is on: their layer inputs wait in host RAM); 1 if not
   predicted_peak_gpu_bytes  everything on the card at the step's peak, CUDA context included
   predicted_allocator_bytes the same less the CUDA context and paged optimizer states: what
                             `torch.cuda.max_memory_reserved()` should show
   load_peak_gpu_bytes       the peak while loading (resident weights + one unquantized tensor)
-  host_ram_bytes            host RAM the plan needs (process, streamed layers, offloaded activations)
+  host_ram_bytes            host RAM the plan needs (process, streamed layers, offloaded activations
+                            or layer-major boundaries)
   host_ram_available        host RAM the plan was checked against
   max_micro_batch_size      the largest micro-batch that fits at max_seq_length with this plan (0: none)
   max_seq_length_at_batch_1 the longest sequence that fits at micro-batch 1 (0: none)
@@ -88,6 +91,7 @@ class MemoryPlan:
     load_peak_gpu_bytes: int
     host_ram_bytes: int
     host_ram_available: int
+    layer_major_micro_batches: int = 1
     max_micro_batch_size: int = 0
     max_seq_length_at_batch_1: int = 0
     rows: list[BudgetRow] = field(default_factory=list)
@@ -145,12 +149,23 @@ def _static_rows(shape: ModelShape, s: RunSettings, resident: int) -> list[Budge
     return rows
 
 
-def _activation_rows(shape: ModelShape, s: RunSettings, offload: bool, chunk: int) -> list[BudgetRow]:
+def _layer_major(shape: ModelShape, s: RunSettings, resident: int) -> int:
+    """Micro-batches that go through each layer together (memory/reorder.py); 1 in the plain order."""
+    return s.layer_major_micro_batches if resident < shape.num_layers else 1
+
+
+def _activation_rows(shape: ModelShape, s: RunSettings, offload: bool, chunk: int, resident: int) -> list[BudgetRow]:
     d, L, N = s.compute_bytes, shape.num_layers, s.tokens
     one = act.checkpoint_bytes(shape, s)
     saved = act.layer_saved_bytes(shape, s)
+    M = _layer_major(shape, s, resident)
     rows = []
-    if not s.gradient_checkpointing:
+    if M > 1:  # no checkpoints: every layer input of every micro-batch waits on the host, and is recomputed from
+        rows += [BudgetRow("layer-major boundary hidden states", M * L * one, "host",
+                           f"pinned: {M} micro-batches x {L} layer inputs x {N} tokens x {shape.hidden_size} x {d} B"),
+                 BudgetRow("layer-major hidden states in flight", (M + 2) * one, "gpu",
+                           f"{M} micro-batches' boundaries (or their gradients) + a layer input and its gradient")]
+    elif not s.gradient_checkpointing:
         rows.append(BudgetRow("saved activations, every layer", L * (saved + one), "gpu",
                               f"{L} x (layer input + what autograd keeps)"))
     elif offload:
@@ -159,7 +174,7 @@ def _activation_rows(shape: ModelShape, s: RunSettings, offload: bool, chunk: in
     else:
         rows.append(BudgetRow("checkpointed hidden states", L * one, "gpu", f"{L} x {N} tokens x {shape.hidden_size} x {d} B"))
     rows.append(BudgetRow("padding mask", act.attention_mask_bytes(shape, s), "gpu", "B x T x T bool"))
-    layer = act.layer_backward_bytes(shape, s) + (saved if s.gradient_checkpointing else 0)
+    layer = act.layer_backward_bytes(shape, s) + (saved if s.gradient_checkpointing or M > 1 else 0)
     rows.append(BudgetRow("one layer's recompute + backward", layer, PHASES[0],
                           f"saved {gib(saved)} + gradients and a dequantized weight"))
     loss = act.final_hidden_bytes(shape, s) + act.loss_bytes(shape, s, chunk)
@@ -179,7 +194,7 @@ def _slack(rows: list[BudgetRow]) -> int:
 
 def budget_rows(shape: ModelShape, s: RunSettings, resident: int, offload: bool, chunk: int) -> list[BudgetRow]:
     """The full budget table of one candidate plan."""
-    rows = _static_rows(shape, s, resident) + _activation_rows(shape, s, offload, chunk)
+    rows = _static_rows(shape, s, resident) + _activation_rows(shape, s, offload, chunk, resident)
     rows.append(BudgetRow("allocator slack", _slack(rows), "gpu", f"{ALLOCATOR_SLACK:.0%} of the activations"))
     rows.append(BudgetRow("cuBLAS workspaces", CUBLAS_WORKSPACES, "gpu", "32 MiB each for the forward and backward threads"))
     rows.append(BudgetRow("CUDA context and kernels", CUDA_CONTEXT_BYTES, "gpu", "outside torch's allocator"))
@@ -222,7 +237,9 @@ def _candidates(shape: ModelShape, s: RunSettings) -> list[tuple[int, bool]]:
         return [(r, False) for r in residents]
     if s.offload_activations is not None:
         return [(r, s.offload_activations) for r in residents]
-    return [(residents[0], False)] + [(r, True) for r in residents]
+    pairs = [(residents[0], False)] + [(r, True) for r in residents]
+    # a step that runs layer-major keeps no checkpoints, so there is nothing to offload
+    return list(dict.fromkeys((r, offload and _layer_major(shape, s, r) == 1) for r, offload in pairs))
 
 
 def _largest(fits, low: int, high: int) -> int:
@@ -258,6 +275,7 @@ def plan_memory(shape: ModelShape, settings: RunSettings, gpu_bytes: int, host_b
         fits=fits, gpu_bytes=gpu_bytes, resident_layers=resident, streamed_layers=shape.num_layers - resident,
         layers_in_flight=LAYERS_IN_FLIGHT if resident < shape.num_layers else 0, layer_bytes=largest_layer,
         offload_activations=offload, loss_chunk_size=chunk, micro_batch_size=s.micro_batch_size,
+        layer_major_micro_batches=_layer_major(shape, s, resident),
         max_seq_length=s.max_seq_length, predicted_peak_gpu_bytes=peak,
         predicted_allocator_bytes=peak - CUDA_CONTEXT_BYTES - paged,
         load_peak_gpu_bytes=load_peak(shape, s, resident), host_ram_bytes=host_need(rows),
@@ -280,6 +298,9 @@ def explain(plan: MemoryPlan, shape: ModelShape) -> str:
             parts.append(f"{plan.streamed_layers} of {shape.num_layers} decoder layers stream from host RAM")
         if plan.offload_activations:
             parts.append("checkpointed activations go to host RAM")
+        if plan.layer_major_micro_batches > 1:
+            parts.append(f"the {plan.layer_major_micro_batches} micro-batches of a step go through each layer together, "
+                         "their layer inputs in host RAM")
         parts.append(f"loss in chunks of {plan.loss_chunk_size} tokens" if plan.loss_chunk_size else "plain loss")
         return "; ".join(parts)
     gpu_short = plan.predicted_peak_gpu_bytes - plan.gpu_bytes
