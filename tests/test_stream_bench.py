@@ -25,3 +25,5 @@ def test_bench_70b_tiny_runs_every_phase_and_checks_itself(tmp_path):
     assert streamed["streamed_layers"] == 2 and streamed["max_in_flight"] <= 2
     assert streamed["bytes_streamed_per_step"] > 0 and len(streamed["steps"]) == 3
     assert report["resident"]["s_per_step"] > 0 and len(report["resident"]["steps"]) == 3
+    plan = report["plan"]  # the planner's choice for the 70B run, which a GPU run follows and checks
+    assert 0 < plan["resident_layers"] < 80 and plan["predicted_reserved_gib"] > 0 and "host_ram_gib" in plan

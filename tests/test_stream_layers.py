@@ -108,7 +108,7 @@ def test_close_brings_every_layer_back(folder):
     with torch.no_grad():
         before = model(input_ids=ids).logits
     streamer.close(materialise=True)
-    assert materialised_layers(model) == list(range(LAYERS))
+    assert materialised_layers(model) == list(range(LAYERS)) and streamer.arena.reserved_bytes == 0
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
 

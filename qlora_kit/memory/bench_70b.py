@@ -8,7 +8,8 @@ The logic of tools/bench_70b.py, its command line:
 
 Random weights of Llama-3.1-70B's shape (80 layers, hidden 8192, intermediate 28672, 64 heads, 8 KV
 heads, vocab 128256) are made and quantized to NF4 layer by layer on the GPU (never whole in bf16);
-the layers that do not fit under the cap go to pinned host RAM as they are made. The process is
+the memory planner decides how many stay on the GPU under the cap (its prediction is reported beside
+the measured peak), and the others go to pinned host RAM as they are made. The process is
 capped with torch.cuda.set_per_process_memory_fraction. r=16 LoRA on every projection, sequences
 of 2048 tokens, a few optimizer steps with paged 8-bit AdamW, in layer-major order (one copy of
 each streamed layer per pass per optimizer step). Reported: peak reserved and allocated GPU memory,
@@ -192,31 +193,24 @@ def probe_fsdp2(device: torch.device, hidden: int, intermediate: int, layers: in
 
 
 # ---- the model --------------------------------------------------------------------------------
-def lora_parameters(shape: dict, r: int) -> int:
-    h, i, heads, kv = shape["hidden_size"], shape["intermediate_size"], shape["num_attention_heads"], shape["num_key_value_heads"]
-    kv_dim = kv * h // heads
-    per_layer = r * ((h + h) * 2 + (h + kv_dim) * 2 + (h + i) * 3)
-    return per_layer * shape["num_hidden_layers"]
-
-
 def layer_nf4_bytes(shape: dict) -> int:
     h, i, heads, kv = shape["hidden_size"], shape["intermediate_size"], shape["num_attention_heads"], shape["num_key_value_heads"]
     params = 2 * h * h + 2 * h * (kv * h // heads) + 3 * h * i
     return int(params * (0.5 + 1 / 64 + 4 / (64 * 256)))
 
 
-def plan_resident(shape: dict, args, budget_bytes: int) -> int:
-    """Resident layers under the cap: a rough budget until the memory planner (issue 6) decides this."""
-    h, vocab, tokens = shape["hidden_size"], shape["vocab_size"], args.seq
-    fixed = 2 * vocab * h * 2  # bf16 embeddings and lm_head
-    fixed += lora_parameters(shape, args.lora_r) * (2 + 2 + 2)  # bf16 weights and grads, 8-bit Adam states
-    fixed += tokens * vocab * 14  # the head: bf16 logits, their fp32 copy, cross-entropy, gradients
-    fixed += tokens * (20 * h + 8 * shape["intermediate_size"]) * 2 + 2 * h * shape["intermediate_size"]  # one layer's backward
-    fixed += 3 * args.grad_accum * tokens * h * 2  # boundary activations and gradients on the device
-    fixed += int(1.5 * GIB)  # allocator slack, cuBLAS workspaces
-    layer = layer_nf4_bytes(shape)
-    room = budget_bytes - fixed - args.in_flight * layer
-    return max(0, min(shape["num_hidden_layers"], room // layer))
+def memory_plan(args, cap_bytes: int):
+    """The memory planner's plan for the full 70B run under the cap: it picks the resident layers."""
+    import psutil
+
+    from qlora_kit.memory.budget import RunSettings
+    from qlora_kit.memory.plan import plan_memory
+    from qlora_kit.memory.shapes import model_shape
+
+    settings = RunSettings(micro_batch_size=1, max_seq_length=args.seq, lora_r=args.lora_r, lora_dropout=0.0,
+                           optim="paged_adamw_8bit", offload_activations=False,
+                           layer_major_micro_batches=args.grad_accum)
+    return plan_memory(model_shape("llama-3.1-70b"), settings, cap_bytes, psutil.virtual_memory().total)
 
 
 def build_model(shape: dict, device: torch.device, dtype: torch.dtype, streamed: list[int], args):
@@ -419,13 +413,19 @@ def main() -> None:
 
     set_cap(device, args.cap_gib)
     layers = shape["num_hidden_layers"]
+    plan = memory_plan(args, int(args.cap_gib * GIB)) if args.resident is None else None
+    if plan is not None:  # its prediction, to hold against the measured peak
+        report["plan"] = {"fits": plan.fits, "resident_layers": plan.resident_layers,
+                          "predicted_peak_gpu_gib": round(plan.predicted_peak_gpu_bytes / GIB, 2),
+                          "predicted_reserved_gib": round(plan.predicted_allocator_bytes / GIB, 2),
+                          "host_ram_gib": round(plan.host_ram_bytes / GIB, 2)}
+        log(f"memory plan for the 70B run: {json.dumps(report.data['plan'])}")
     if args.resident is not None:
         resident = args.resident
-    elif device.type != "cuda":
+    elif device.type != "cuda":  # the code paths only: half the layers stream
         resident = layers // 2
-    else:  # the share of resident layers the full model gets under the cap, so a shorter run streams alike
-        full = dict(shape, num_hidden_layers=SHAPE_70B["num_hidden_layers"]) if not args.tiny else shape
-        resident = round(plan_resident(full, args, int(args.cap_gib * GIB)) * layers / full["num_hidden_layers"])
+    else:  # the plan's share of resident layers, so that a shorter run streams alike
+        resident = round(plan.resident_layers * layers / SHAPE_70B["num_hidden_layers"])
     streamed = streamed_layer_indices(layers, resident)
     log(f"building: {resident} resident layers, {len(streamed)} streamed, {args.in_flight} in flight")
     began = time.perf_counter()

@@ -343,6 +343,7 @@ class LayerStreamer:
             if self.cuda:
                 torch.cuda.current_stream(self.device).synchronize()
             self.layers.clear()
+            self.arena = PinnedArena(pin=self.cuda)  # the host copies' memory goes back
 
 
 def materialised_layers(model: nn.Module) -> list[int]:
