@@ -8,11 +8,12 @@ import torch
 from qlora_kit.config import LoraArguments, ModelArguments, TrainArguments
 from qlora_kit.memory import activations as act
 from qlora_kit.memory.budget import RunSettings, adapted_linears, lora_tensor_numels, optimizer_state_bytes, weight_bytes
-from qlora_kit.memory.measure import predicted, random_batch, random_quantized_model
+from qlora_kit.memory.measure import predicted, random_batch
 from qlora_kit.memory.shapes import meta_model, model_shape, shape_from_model
 from qlora_kit.memory.track import LiveTensorBytes
 from qlora_kit.model.load import load_quantized_model
 from qlora_kit.model.lora import add_lora, enable_gradient_checkpointing
+from qlora_kit.model.random_init import random_quantized_model
 from qlora_kit.train.loss import batch_loss_sum, set_loss_chunk_size
 from qlora_kit.train.optim import build_optimizer
 from tiny_models import save_tiny_model, tiny_config
@@ -117,7 +118,7 @@ def test_training_step_peak_matches_the_planner(tmp_path):
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=8000)
     shape = shape_from_model(meta_model(config), config)
     with LiveTensorBytes() as tracker:
-        model = random_quantized_model(config, CPU, torch.float32)
+        model = random_quantized_model(config, torch.float32, CPU).train()
         enable_gradient_checkpointing(model)
         model = add_lora(model, LoraArguments(lora_r=16, lora_dropout=0.0), torch.float32)
         batch = random_batch(2, 128, config.vocab_size, CPU)

@@ -18,58 +18,19 @@ from typing import Optional
 
 import bitsandbytes as bnb
 import torch
-from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from qlora_kit.config import LoraArguments, TrainArguments
 from qlora_kit.memory.budget import RunSettings
 from qlora_kit.memory.offload import enable_activation_offload
 from qlora_kit.memory.plan import GiB, plan_memory
-from qlora_kit.memory.shapes import ModelShape, output_embedding_names, load_model_config, meta_model, shape_from_model
+from qlora_kit.memory.shapes import ModelShape, load_model_config, meta_model, shape_from_model
 from qlora_kit.model.lora import add_lora, enable_gradient_checkpointing
+from qlora_kit.model.random_init import random_quantized_model
 from qlora_kit.train.loss import batch_loss_sum, set_loss_chunk_size
 from qlora_kit.train.optim import build_optimizer
 
 PADDING = 16  # padded positions at the end of each row, so the padding-mask path runs as in real batches
-
-
-def _quantized_linear(module: nn.Linear, device: torch.device, dtype: torch.dtype, double_quant: bool) -> nn.Module:
-    layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                              compute_dtype=dtype, compress_statistics=double_quant, quant_type="nf4", device="meta")
-    weight = torch.randn(module.out_features, module.in_features, dtype=dtype, device=device) * 0.02
-    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=double_quant,
-                                     quant_type="nf4", module=layer).to(device)
-    if module.bias is not None:
-        layer.bias = nn.Parameter(torch.zeros(module.out_features, dtype=dtype, device=device), requires_grad=False)
-    return layer
-
-
-def random_quantized_model(config: PretrainedConfig, device: torch.device, dtype: torch.dtype,
-                           double_quant: bool = True, attn_implementation: str = "sdpa", seed: int = 0) -> nn.Module:
-    """A causal LM of this config with random weights: projections NF4 on `device`, the rest in `dtype`."""
-    torch.manual_seed(seed)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-    skip = output_embedding_names(model)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name not in skip:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child,
-                    _quantized_linear(module, device, dtype, double_quant))
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is not None and param.device.type == "meta":
-                data = torch.ones(param.shape, dtype=dtype, device=device) if param.dim() == 1 else \
-                    torch.randn(param.shape, dtype=dtype, device=device) * 0.02
-                module._parameters[name] = nn.Parameter(data, requires_grad=False)
-        for name, buffer in list(module._buffers.items()):
-            if buffer is not None:
-                module._buffers[name] = buffer.to(device)
-    model.tie_weights()
-    model.is_loaded_in_4bit = True  # as transformers marks it, so peft wraps the layers in its 4-bit LoRA
-    model.config.use_cache = False
-    return model.train()
 
 
 def random_batch(batch_size: int, seq_length: int, vocab_size: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -168,7 +129,7 @@ def measure_model(name: str, seq_lengths: list[int], batch_size: int, device: to
     dtype_name = str(dtype).removeprefix("torch.")
     shape = shape_from_model(meta_model(config), config)
     attn = "sdpa" if shape.supports_sdpa else "eager"
-    model = random_quantized_model(config, device, dtype, attn_implementation=attn)
+    model = random_quantized_model(config, dtype, device, attn_implementation=attn).train()
     enable_gradient_checkpointing(model)
     model = add_lora(model, LoraArguments(lora_r=16, lora_alpha=32, lora_dropout=0.05), dtype)
     peaks = _Peaks(device, tracker)

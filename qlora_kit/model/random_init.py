@@ -1,8 +1,8 @@
 """A random-weight NF4 model built straight from a config, one projection at a time.
 
-Benchmarks and GPU checks need models of real shapes (8B, 70B) whose weights cannot travel. The
-whole model is never materialised in bf16: it is built on the meta device, its linear layers are
-swapped for bitsandbytes `Linear4bit` by transformers' own `replace_with_bnb_linear` (so exactly the
+Benchmarks, memory measurements and GPU checks need models of real shapes (8B, 70B) whose weights
+cannot travel. The whole model is never materialised in bf16: it is built on the meta device with
+its projections already bitsandbytes `Linear4bit`, exactly as the streaming loader builds it (so the
 layers `from_pretrained` would quantize are quantized), and each projection gets a random weight
 that is quantized on `device` before the next one is drawn. What comes out is the same kind of
 model `load_quantized_model` returns, with random values.
@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import bitsandbytes as bnb
 import torch
-from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.integrations import replace_with_bnb_linear
+from transformers import PretrainedConfig, PreTrainedModel
 
-from qlora_kit.model.load import quantization_config
+from qlora_kit.config import ModelArguments
+from qlora_kit.model.stream_load import build_empty_model
 
 
 def _quantized_random_weight(layer: bnb.nn.Linear4bit, std: float, device: torch.device, dtype: torch.dtype):
@@ -32,16 +31,13 @@ def random_quantized_model(
     device: torch.device,
     double_quant: bool = True,
     seed: int = 0,
+    attn_implementation: str = "sdpa",
 ) -> PreTrainedModel:
-    """A causal LM of `config`'s shape with random NF4 projections, frozen, on `device`."""
+    """A causal LM of `config`'s shape with random NF4 projections, frozen, on `device`, in eval mode."""
     torch.manual_seed(seed)
     config.use_cache = False
-    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
-        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
-    args = type("Args", (), {"bnb_4bit_use_double_quant": double_quant})()
-    keep = [name for name in ("lm_head",) if hasattr(model, name)]
-    model = replace_with_bnb_linear(model, modules_to_not_convert=keep,
-                                    quantization_config=quantization_config(args, compute_dtype))
+    args = ModelArguments(bnb_4bit_use_double_quant=double_quant, attn_implementation=attn_implementation)
+    model = build_empty_model(config, args, compute_dtype)
     std = getattr(config, "initializer_range", 0.02)
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -50,7 +46,6 @@ def random_quantized_model(
             if module.bias is not None:
                 module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=compute_dtype, device=device))
     _materialise_rest(model, device, std)
-    model.is_loaded_in_4bit = True
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model.eval()
