@@ -23,14 +23,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def lora_model(folder, resident_layers=-1, in_flight=2, checkpointing=True, dropout=0.0):
+def lora_model(folder, resident_layers=-1, in_flight=2, checkpointing=True, dropout=0.0, device=CPU):
     """A tiny model with LoRA (B random, so every gradient is non-zero); streamed when resident_layers >= 0."""
     args = ModelArguments(model_name_or_path=str(folder))
     if resident_layers >= 0:
-        model = load_streaming(folder, args, torch.float32, CPU, resident_layers=resident_layers)
+        model = load_streaming(folder, args, torch.float32, device, resident_layers=resident_layers)
     else:
-        model = load_quantized_model(folder, args, torch.float32, CPU)
-    streamer = setup_streaming(model, resident_layers, in_flight, CPU)
+        model = load_quantized_model(folder, args, torch.float32, device)
+    streamer = setup_streaming(model, resident_layers, in_flight, device)
     if checkpointing:
         enable_gradient_checkpointing(model)
     torch.manual_seed(0)
@@ -39,6 +39,6 @@ def lora_model(folder, resident_layers=-1, in_flight=2, checkpointing=True, drop
         generator = torch.Generator().manual_seed(3)
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+                p.copy_(torch.randn(p.shape, generator=generator).to(p.device) * 0.1)
     model.train()
     return model, streamer

@@ -48,6 +48,26 @@ def test_losses_and_lora_grads_equal_without_streaming(folder, checkpointing):
     assert all(p.device == CPU and p.untyped_storage().nbytes() > 0 for p in streamed.parameters() if p.requires_grad)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_cuda_streaming_gives_the_same_losses_and_grads(folder, checkpointing):
+    """The real thing: pinned slabs, copies on a side stream, storage freed and refilled on the GPU."""
+    cuda = torch.device("cuda")
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(1)).to(cuda)
+    plain, _ = lora_model(folder, checkpointing=checkpointing, device=cuda)
+    streamed, streamer = lora_model(folder, resident_layers=2, checkpointing=checkpointing, device=cuda)
+    assert streamer.cuda and all(slab.is_pinned() for slab in streamer.arena.slabs)
+    for _ in range(3):  # later passes start from what the earlier left on the device
+        loss_a, grads_a = loss_and_grads(plain, ids)
+        loss_b, grads_b = loss_and_grads(streamed, ids)
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=0)
+        for name in grads_a:
+            torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert streamer.stats.max_in_flight <= 2 and streamer.stats.copies > 0
+    torch.cuda.synchronize()
+    assert len([i for i in materialised_layers(streamed) if i in streamer.streamed]) <= 2
+
+
 class Sampler:
     """Counts materialised layers (by their storage) at every projection call and gradient."""
 

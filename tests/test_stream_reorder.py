@@ -75,6 +75,32 @@ def test_layer_major_equals_plain_order(folder):
         torch.testing.assert_close(batch_loss_sum(reordered, batches[0]), batch_loss_sum(plain, batches[0]))
 
 
+@pytest.mark.gpu
+def test_cuda_layer_major_equals_plain_order(folder):
+    """Boundaries through pinned slabs and a side stream, layers streamed: the plain order's loss and gradients."""
+    cuda = torch.device("cuda")
+    batches = micro_batches()
+    step_trained = int(sum(count_trained_tokens(b["labels"]) for b in batches))
+    plain, _ = lora_model(folder, device=cuda)
+    reordered, streamer = lora_model(folder, resident_layers=2, device=cuda)
+    driver = LayerMajorStep(reordered, streamer, cuda, verify_recompute=True)
+    for _ in range(2):  # the second step reuses the first one's pinned slabs
+        loss_plain = torch.zeros((), device=cuda)
+        for batch in batches:
+            loss_sum = batch_loss_sum(plain, {k: v.to(cuda) for k, v in batch.items()})
+            (loss_sum / step_trained).backward()
+            loss_plain += loss_sum.detach()
+        loss_reordered = driver(batches, step_trained)
+        torch.testing.assert_close(loss_reordered, loss_plain, rtol=1e-5, atol=0)
+        assert driver.recompute_max_diff < 1e-5
+        grads_plain, grads_reordered = lora_grads(plain), lora_grads(reordered)
+        for name in grads_plain:
+            torch.testing.assert_close(grads_reordered[name], grads_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+        plain.zero_grad(set_to_none=True)
+        reordered.zero_grad(set_to_none=True)
+    assert streamer.stats.max_in_flight <= 2
+
+
 def test_recompute_draws_the_same_dropout_masks(folder):
     model, streamer = lora_model(folder, resident_layers=2, dropout=0.3)
     driver = LayerMajorStep(model, streamer, CPU, verify_recompute=True)

@@ -8,7 +8,8 @@
 #   70b      tools/bench_70b.py: Llama-3.1-70B's shape at a 24 GiB cap, streamed, then all resident at 48 GiB (260)
 #   speed    tools/bench.py: the 8B shape at seq 2048 against the standard transformers + peft loop (300)
 #   memory   tools/measure_memory.py: planner predictions against measured peaks (150)
-#   pytest   the tests marked gpu: CUDA packed isolation, NF4 bit-exactness, paged state, plan within 10% (150)
+#   pytest   the tests marked gpu: CUDA packed isolation, NF4 bit-exactness, paged state, plan within 10%,
+#            layer streaming and layer-major steps on CUDA, pinned slabs (150)
 #   resume   tools/check_exact_resume.py: exact resume with CUDA RNG and the paged 8-bit optimizer (120)
 #   merge    tools/gpu_merge_check.py: the 8B-shaped merge on the GPU (150)
 # Each part writes OUT_DIR/PART.json (where it has one) and OUT_DIR/PART.log; OUT_DIR/summary.txt gets
