@@ -2,20 +2,21 @@
 
 Why not `torch.empty(..., pin_memory=True)` for each tensor: pinned memory comes from torch's caching
 host allocator, which rounds every request up to the next power of two and caches freed blocks by
-that size class (ATen/core/CachingHostAllocator.h, torch 2.13). A 70B decoder layer's 441 MB of NF4
-weights would take 512 MiB (16% more than the memory plan counts), and layer inputs whose length
-changes from batch to batch would leave cached blocks in several size classes (up to twice the
-plan). Its `pinned_max_round_threshold_mb` setting turns the rounding off but keeps looking up free
-blocks by the rounded-up size class, so a freed block could be handed to a larger request; this
-module leaves that setting alone and asks the allocator only for powers of two, which it gives as
-they are.
+that size class (ATen/core/CachingHostAllocator.h, torch 2.13). A 70B decoder layer's 420.7 MiB of
+NF4 weights and block scales would take 512 MiB (21.7% more than the memory plan counts), and layer
+inputs whose length changes from batch to batch would leave cached blocks in several size classes
+(up to twice the plan). Its `pinned_max_round_threshold_mb` setting turns the rounding off but keeps
+looking up free blocks by the rounded-up size class, so a freed block could be handed to a larger
+request; this module leaves that setting alone and asks the allocator only for powers of two, which
+it gives as they are.
 
 `PinnedArena.empty(shape, dtype)` places a tensor in the first slab with room (each tensor starts a
-multiple of 512 bytes into its slab; pinned slabs start on a page) and opens a new slab when none has: the largest power of two that the bytes
-still expected (`expected_bytes`, the caller's count; 0 if unknown) fill, between the tensor's own size rounded up
-and `max_slab_bytes`. `reset()` hands the same slabs out again: the caller says every tensor it got
-is dead (on a GPU: that no copy still queued reads or writes one; the callers here order their
-copies on one stream, so a new copy waits for the old).
+multiple of 512 bytes into its slab; pinned slabs start on a page) and opens a new slab when none
+has: the largest power of two that the bytes still expected fill (`expected_bytes`, the caller's
+count; 0 if unknown), at least the tensor's own size rounded up and at most `max_slab_bytes`.
+`reset()` hands the same slabs out again: the caller says every tensor it got is dead (on a GPU: that
+no copy still queued reads or writes one; the callers here order their copies on one stream, so a
+new copy waits for the old).
 """
 
 from __future__ import annotations
