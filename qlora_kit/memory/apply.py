@@ -145,16 +145,14 @@ def apply_memory_settings(model: nn.Module, config: RunConfig, plan: Optional[Me
         raise UserError("--offload_activations true needs --gradient_checkpointing true (it offloads the checkpoints)")
     if device.type != "cuda":
         notice_once("activation offload: no GPU, so the checkpoints already live in host memory (same code path, no copies)")
-    return enable_activation_offload(model, device, _layer_inputs_bytes(model, plan))
+    return enable_activation_offload(model, device, _layer_inputs_bytes(plan))
 
 
-def _layer_inputs_bytes(model: nn.Module, plan: Optional[MemoryPlan]) -> int:
-    """The checkpointed layer inputs of one planned micro-batch (0 without a plan)."""
+def _layer_inputs_bytes(plan: Optional[MemoryPlan]) -> int:
+    """The checkpointed layer inputs of one micro-batch, as the plan counts them (0 without a plan)."""
     if plan is None:
         return 0
-    config = model.config.get_text_config()
-    dtype = model.get_input_embeddings().weight.dtype
-    return config.num_hidden_layers * plan.micro_batch_size * plan.max_seq_length * config.hidden_size * dtype.itemsize
+    return sum(row.bytes for row in plan.rows if row.name == "checkpointed hidden states")
 
 
 def _planned_dtypes(config: RunConfig) -> tuple[str, str]:

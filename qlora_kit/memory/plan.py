@@ -160,7 +160,7 @@ def _activation_rows(shape: ModelShape, s: RunSettings, offload: bool, chunk: in
     saved = act.layer_saved_bytes(shape, s)
     M = _layer_major(shape, s, resident)
     rows = []
-    if M > 1:  # no checkpoints: every layer input of every micro-batch waits on the host, and is recomputed from
+    if M > 1:  # no checkpoints: every micro-batch's layer inputs wait on the host; each layer is recomputed
         rows += [BudgetRow("layer-major boundary hidden states", M * L * one, "host",
                            f"pinned: {M} micro-batches x {L} layer inputs x {N} tokens x {shape.hidden_size} x {d} B"),
                  BudgetRow("layer-major hidden states in flight", (M + 2) * one, "gpu",

@@ -56,6 +56,7 @@ from qlora_kit.memory.pinned import PinnedArena, aligned
 from qlora_kit.model.stream_load import streamed_layer_indices
 from qlora_kit.model.targets import find_decoder_blocks
 
+
 @dataclass
 class StreamStats:
     """What the streamer did: copies, bytes, the most layers on the device, time waiting on copies."""
