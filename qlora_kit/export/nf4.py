@@ -94,6 +94,7 @@ def compare_with_loader(model_dir, compute_dtype: torch.dtype, double_quant: boo
 
     from qlora_kit.config import ModelArguments
     from qlora_kit.export.layout import describe_base
+    from qlora_kit.model.bnb_cpu import canonical_weight
     from qlora_kit.model.load import load_quantized_model
 
     layout = describe_base(model_dir, compute_dtype, double_quant)
@@ -105,7 +106,7 @@ def compare_with_loader(model_dir, compute_dtype: torch.dtype, double_quant: boo
         if not tensor.quantized:
             continue
         weight = model.get_submodule(tensor.module).weight
-        loaded = bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+        loaded = bnb_functional.dequantize_4bit(*canonical_weight(weight))
         loaded_dtype = loaded.dtype
         with safe_open(str(tensor.stored.file), framework="pt") as handle:
             ours = nf4_round_trip(handle.get_tensor(tensor.name), compute_dtype, double_quant, tensor.transposed, device)

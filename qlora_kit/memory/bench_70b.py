@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from qlora_kit.config import LoraArguments, ModelArguments, TrainArguments  # noqa: E402
 from qlora_kit.memory.reorder import LayerMajorStep  # noqa: E402
 from qlora_kit.memory.stream import LayerStreamer  # noqa: E402
+from qlora_kit.model.bnb_cpu import keep_canonical_layout  # noqa: E402
 from qlora_kit.model.lora import add_lora, enable_gradient_checkpointing  # noqa: E402
 from qlora_kit.model.stream_load import Placement, TensorPlacer, build_empty_model, streamed_layer_indices  # noqa: E402
 from qlora_kit.model.targets import find_decoder_blocks  # noqa: E402
@@ -109,7 +110,7 @@ def probe_fsdp2(device: torch.device, hidden: int, intermediate: int, layers: in
         weight = torch.empty(fan_out, fan_in, dtype=dtype, device=device).normal_(0, 0.02)
         module.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=64,
                                           compress_statistics=True, module=module).to(device)
-        return module
+        return keep_canonical_layout(module)
 
     class Block(nn.Module):
         def __init__(self):

@@ -53,6 +53,7 @@ from torch import nn
 from qlora_kit.errors import UserError
 from qlora_kit.log import notice_once
 from qlora_kit.memory.pinned import PinnedArena, aligned
+from qlora_kit.model.bnb_cpu import canonical_weight, keep_canonical_layout
 from qlora_kit.model.stream_load import streamed_layer_indices
 from qlora_kit.model.targets import find_decoder_blocks
 
@@ -141,13 +142,14 @@ class LayerStreamer:
         modules = [m for m in self.blocks[index].modules() if isinstance(m, bnb.nn.Linear4bit)]
         if not modules:
             raise UserError(f"decoder layer {index} has no 4-bit projection to stream")
-        return modules, [t for m in modules for t in (m.weight.data, m.weight.quant_state.absmax)]
+        return modules, [t for m in modules for t in (canonical_weight(m.weight)[0], m.weight.quant_state.absmax)]
 
     def _host_bytes(self, indices: list[int]) -> int:
         return sum(aligned(t.numel() * t.element_size()) for i in indices for t in self._host_sources(i)[1])
 
     def stream_layer(self, index: int) -> None:
         """Copy a layer's 4-bit weights into pinned host memory; leave storage-less tensors behind."""
+        keep_canonical_layout(self.blocks[index])  # bitsandbytes' CPU eval path would repack in place
         modules, sources = self._host_sources(index)
         for module in modules:
             state = module.weight.quant_state
@@ -163,7 +165,6 @@ class LayerStreamer:
         for module in modules:
             module.weight.data = _freed_on_device(module.weight.data, self.device)
             module.weight.quant_state.absmax = _freed_on_device(module.weight.quant_state.absmax, self.device)
-            module.support_avx512bf16_for_cpu = False  # its CPU inference path repacks the weight in place
         self.layers[index] = _Layer(index, modules, host)
 
     def _install_hooks(self) -> None:

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from qlora_kit.config import ModelArguments
 from qlora_kit.errors import UserError
+from qlora_kit.model.bnb_cpu import keep_canonical_layout
 from qlora_kit.log import notice_once
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -66,7 +67,7 @@ def load_quantized_model(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     model.config.use_cache = False
-    return model
+    return keep_canonical_layout(model)
 
 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):

@@ -70,6 +70,7 @@ def measure(folder: Path, dtype_name: str, cache: str | None = None) -> dict:
     import bitsandbytes as bnb
 
     from qlora_kit.config import ModelArguments
+    from qlora_kit.model.bnb_cpu import canonical_weight
     from qlora_kit.model.load import DTYPES
     from qlora_kit.model.stream_load import load_streaming
 
@@ -83,8 +84,8 @@ def measure(folder: Path, dtype_name: str, cache: str | None = None) -> dict:
     storages = {}
     for tensor in list(model.parameters()) + list(model.buffers()):
         storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        state = getattr(tensor, "quant_state", None)
-        if isinstance(tensor, bnb.nn.Params4bit) and state is not None:
+        if isinstance(tensor, bnb.nn.Params4bit) and tensor.quant_state is not None:
+            state = canonical_weight(tensor)[1]
             for part in (state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code):
                 storages[part.untyped_storage().data_ptr()] = part.untyped_storage().nbytes()
     result = {"rss_before_load": before, "peak_rss": peak, "peak_over_before": peak - before,

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from qlora_kit.config import ModelArguments
 from qlora_kit.errors import UserError
+from qlora_kit.model.bnb_cpu import canonical_weight
 
 FORMAT = "qlora_kit-nf4-cache"
 VERSION = 1
@@ -144,10 +145,13 @@ class CacheWriter:
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         tensor = getattr(module, attr)
-        self._queue(name, tensor)
-        if isinstance(tensor, bnb.nn.Params4bit):
-            for key, value in tensor.quant_state.as_dict(packed=True).items():
-                self._queue(f"{name}.{key}", value)
+        if not isinstance(tensor, bnb.nn.Params4bit):
+            self._queue(name, tensor)
+            return
+        packed, state = canonical_weight(tensor)
+        self._queue(name, packed)
+        for key, value in state.as_dict(packed=True).items():
+            self._queue(f"{name}.{key}", value)
 
     def _queue(self, key: str, tensor: torch.Tensor) -> None:
         host = tensor.detach().to("cpu").as_subclass(torch.Tensor)

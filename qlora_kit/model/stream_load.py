@@ -45,6 +45,7 @@ from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 from qlora_kit.config import ModelArguments, StreamArguments
 from qlora_kit.errors import UserError
 from qlora_kit.log import notice_once
+from qlora_kit.model.bnb_cpu import keep_canonical_layout
 from qlora_kit.model.load import load_quantized_model, quantization_config
 from qlora_kit.model.targets import find_decoder_blocks
 
@@ -111,7 +112,7 @@ def build_empty_model(
     model.hf_quantizer = quantizer
     model.is_loaded_in_4bit = True
     model.config.quantization_config = bnb_config
-    return model
+    return keep_canonical_layout(model)
 
 
 def move_quantized(param: bnb.nn.Params4bit, device: torch.device) -> None:
