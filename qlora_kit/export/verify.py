@@ -10,6 +10,16 @@ the NF4 base should sit at, while a merge into the original weights drifts past 
 taken on the trained model, not the base alone: a fine-tuned model has more near-ties between its top
 two tokens, so the same rounding flips more of them (on the demo after a few steps at a high learning
 rate, 94% top-1 agreement where the base alone gives 98%). The base-alone figures are reported too.
+
+The floor is only as good as the two models it compares, so it is checked first: the adapter model
+through the 4-bit kernel, and its dense copy in the export dtype, must each agree with the same
+dequantized weights run dense in float32 as a dtype's rounding does (top-1 agreement at least
+`FLOOR_CHECK_TOP1`, mean |logit diff| at most `FLOOR_CHECK_MEAN_RATIO` of the float32 logits' mean
+|value|). Rounding to bf16 gives 94.2% and 2.1% (the demo after 3 steps at lr 5e-3: mean |diff| 0.157,
+float32 logits' mean |value| 7.48; the fp32-compute kernel matches float32 exactly); a kernel computing
+something else (bitsandbytes' repacked CPU layout read the wrong way gave 0% and 7.8) fails by far.
+A floor that fails is reported as invalid: no verdict, and the command exits with code 1. The float32
+copy costs 4 bytes per parameter of host or GPU memory while it runs.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from qlora_kit.config import ModelArguments
-from qlora_kit.errors import UserError
+from qlora_kit.errors import CheckFailed, UserError
 from qlora_kit.export.settings import RunSettings
 from qlora_kit.log import logger
 from qlora_kit.model.load import load_quantized_model, load_tokenizer
@@ -33,6 +43,8 @@ REPORT_NAME = "merge_report.json"
 # Within the floor: no more than this many times the floor's mean |diff| (plus a little slack for fp32, where
 # both are ~0), and top-1 agreement no more than this far below the floor's.
 FLOOR_MEAN_RATIO, FLOOR_MEAN_SLACK, FLOOR_TOP1_SLACK = 1.5, 1e-3, 0.03
+# A sane floor: both of its models against the same weights run dense in float32.
+FLOOR_CHECK_TOP1, FLOOR_CHECK_MEAN_RATIO = 0.80, 0.05
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"},
@@ -68,6 +80,13 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> LogitAgreement:
         max_abs_logit_diff=diff.max().item(),
         positions=a.shape[0],
     )
+
+
+def agrees_as_rounding_does(model: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether `model`'s logits agree with the float32 `reference`'s as one dtype's rounding of them would."""
+    found = agreement(model, reference)
+    scale = reference.abs().mean().item()
+    return found.top1_agreement >= FLOOR_CHECK_TOP1 and found.mean_abs_logit_diff <= FLOOR_CHECK_MEAN_RATIO * scale
 
 
 def within_floor(merged: LogitAgreement, floor: LogitAgreement) -> bool:
@@ -128,6 +147,7 @@ def verify_merge(adapter_dir: Path, merged_dir: Path, settings: RunSettings, mer
     adapted = PeftModel.from_pretrained(base, str(adapter_dir))
     trained = chat_logits(adapted, inputs, device)
     adapted.base_model.model.dequantize()  # the same NF4 weights as dense layers; the adapter stays unmerged
+    reference = chat_logits(adapted.to(torch.float32), inputs, device)
     adapted = adapted.to(dtype)
     dense = chat_logits(adapted, inputs, device)
     with adapted.disable_adapter():
@@ -139,6 +159,7 @@ def verify_merge(adapter_dir: Path, merged_dir: Path, settings: RunSettings, mer
     merged = chat_logits(merged_model, inputs, device)
     _free(merged_model)
     vs_adapter, floor = agreement(merged, trained), agreement(dense, trained)
+    floor_valid = agrees_as_rounding_does(trained, reference) and agrees_as_rounding_does(dense, reference)
     report = {
         "merge_base": merge_base,
         "dtype": str(dtype).removeprefix("torch."),
@@ -148,19 +169,41 @@ def verify_merge(adapter_dir: Path, merged_dir: Path, settings: RunSettings, mer
         "merged_vs_adapter": asdict(vs_adapter),
         "noise_floor": asdict(floor),
         "base_noise_floor": asdict(agreement(dense_base, kernel)),
-        "within_noise_floor": within_floor(vs_adapter, floor),
+        "floor_check": {"adapter_vs_float32": asdict(agreement(trained, reference)),
+                        "dense_vs_float32": asdict(agreement(dense, reference)),
+                        "float32_mean_abs_logit": reference.abs().mean().item()},
+        "floor_valid": floor_valid,
+        "within_noise_floor": floor_valid and within_floor(vs_adapter, floor),
         "criterion": (f"merged vs adapter mean |diff| <= {FLOOR_MEAN_RATIO} x floor + {FLOOR_MEAN_SLACK} and top-1 "
                       f"agreement >= floor - {FLOOR_TOP1_SLACK}; floor: the adapter model (NF4 base through the 4-bit "
-                      f"kernel) vs the same model dequantized and run dense in the export dtype"),
+                      f"kernel) vs the same model dequantized and run dense in the export dtype; the floor is valid "
+                      f"when both of its models agree with the dequantized model run in float32: top-1 >= "
+                      f"{FLOOR_CHECK_TOP1}, mean |diff| <= {FLOOR_CHECK_MEAN_RATIO} x the float32 logits' mean |value|"),
     }
     (merged_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     logger.info(report_line(report))
+    fail_unless_verified(report, merged_dir / REPORT_NAME)
     return report
+
+
+def fail_unless_verified(report: dict, path: Path) -> None:
+    """Raise `CheckFailed` when the floor is invalid, or an NF4-base merge is outside it."""
+    if not report["floor_valid"]:
+        raise CheckFailed(f"--verify could not measure a noise floor: the 4-bit adapter model does not compute what "
+                          f"its own dequantized weights compute in float32, so no merge can be judged (see "
+                          f"floor_check in {path})")
+    if report["merge_base"] == "nf4" and not report["within_noise_floor"]:
+        raise CheckFailed(f"the merged model is outside the noise floor of the adapter model it came from (see {path})")
 
 
 def report_line(report: dict) -> str:
     """The report in one human line."""
     merged, floor = report["merged_vs_adapter"], report["noise_floor"]
+    if not report["floor_valid"]:
+        check = report["floor_check"]["adapter_vs_float32"]
+        return (f"verify ({report['merge_base']} base, {report['dtype']}): FLOOR INVALID: the 4-bit adapter model vs "
+                f"its dequantized weights in float32 gives top-1 {check['top1_agreement']:.1%}, mean |diff| "
+                f"{check['mean_abs_logit_diff']:.3f}; no verdict on the merge")
     verdict = "within" if report["within_noise_floor"] else "OUTSIDE"
     return (f"verify ({report['merge_base']} base, {report['dtype']}): merged vs adapter top-1 "
             f"{merged['top1_agreement']:.1%}, mean |diff| {merged['mean_abs_logit_diff']:.3f}, max "
