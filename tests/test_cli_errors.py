@@ -24,6 +24,9 @@ def assert_one_line_error(result, expected):
     (lambda tmp: ["--lora_r", "0"], "--lora_r must be a positive integer"),
     (lambda tmp: ["--lora_rank", "8"], "unknown argument(s): --lora_rank"),
     (lambda tmp: ["--config", str(tmp / "missing.yaml")], "does not exist"),
+    (lambda tmp: ["--learning_rate", "inf"], "--learning_rate must be a finite number, got inf"),
+    (lambda tmp: ["--learning_rate", "-1e-4"], "--learning_rate must be in (0, 1]"),
+    (lambda tmp: ["--eval_fraction", "0.99"], "--eval_fraction must be in [0, 0.5]"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, make_args, expected):
     out = tmp_path / "out"

@@ -193,12 +193,15 @@ def filter_part(tokenized: Dataset, where: str, strict: bool,
 
 
 def split_eval(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Optional[Dataset]]:
-    """A seeded random `fraction` of the examples held out for eval (none for fewer than 2 examples)."""
+    """A seeded random `fraction` of the examples held out for eval (none for fewer than 2 examples).
+
+    At most half are held out, so the training split is never smaller than the eval split.
+    """
     if fraction == 0 or len(dataset) < 2:
         return dataset, None
     indices = list(range(len(dataset)))
     random.Random(seed).shuffle(indices)
-    n_eval = min(len(indices) - 1, max(1, round(fraction * len(indices))))
+    n_eval = min(len(indices) // 2, max(1, round(fraction * len(indices))))
     return dataset.select(sorted(indices[n_eval:])), dataset.select(sorted(indices[:n_eval]))
 
 
