@@ -24,7 +24,8 @@ from datasets import Dataset
 from qlora_kit.config import RunConfig, TrainArguments
 from qlora_kit.errors import UserError
 from qlora_kit.log import notice_once
-from qlora_kit.train.checkpoint import resolve_resume_dir
+from qlora_kit.train.checkpoint import list_checkpoints, resolve_resume_dir
+from qlora_kit.train.guard import refuse_nonfinite_weights
 from qlora_kit.train.metrics import MetricsLog, plot_loss
 
 RUN_MARKER = "run_config.yaml"
@@ -150,7 +151,10 @@ def finish_run(run_dir: Path, model) -> None:
 
     The adapter is written to a hidden folder first and its files renamed into place, so a kill
     during the save leaves the previous files (or none), never a torn adapter_model.safetensors.
+    Weights holding NaN or inf are refused before anything is written.
     """
+    checkpoints = list_checkpoints(run_dir)
+    refuse_nonfinite_weights(model, "the final adapter was not written", checkpoints[-1] if checkpoints else None)
     tmp = run_dir / ".tmp-final-adapter"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
