@@ -121,7 +121,10 @@ class TrainArguments:
     _argument_group_name = "training"
 
     output_dir: str = _help("Folder for the adapter, tokenizer, metrics and checkpoints.", default="runs/chat")
-    overwrite_output_dir: bool = _help("Replace an output folder that holds an earlier run.", default=False)
+    overwrite_output_dir: bool = _help(
+        "Replace an output folder that holds an earlier run: only the run's own files (adapter, tokenizer, "
+        "run_config.yaml, metrics.jsonl, loss.png, checkpoints/, merged/) are removed; others stay and are listed.",
+        default=False)
     resume_from_checkpoint: Optional[str] = _help(
         "Continue a run: 'latest' (the newest checkpoint in output_dir) or a checkpoint folder.", default=None
     )
@@ -150,7 +153,7 @@ class TrainArguments:
     )
     max_nonfinite_steps: int = _help(
         "Skip an optimizer step whose loss or gradient norm is NaN or inf; stop after this many in a row "
-        "(0: no guard, such updates are applied).",
+        "(0: no guard: such updates are applied, and the run stops rather than save weights holding NaN or inf).",
         default=5,
     )
 
