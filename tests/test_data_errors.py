@@ -121,6 +121,14 @@ def test_bad_weights(demo_tokenizer, tmp_path):
     assert "must be a positive number" in one_line_error(demo_tokenizer, tmp_path, f"{path}:-1")
 
 
+@pytest.mark.parametrize("spec", ["{path}:0.5,{path}:abc", "{path}:abc"])
+def test_a_weight_that_is_not_a_number_is_named(demo_tokenizer, tmp_path, spec):
+    path = write_lines(tmp_path / "c.jsonl", good_lines(2))
+    message = one_line_error(demo_tokenizer, tmp_path, spec.format(path=path))
+    assert f"the weight of {path} is 'abc', which is not a number" in message
+    assert "give every source a weight" not in message and "does not exist" not in message
+
+
 # --- skips: one bad record among good ones ------------------------------------------------------
 
 SKIPS = [
