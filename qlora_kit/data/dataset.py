@@ -186,6 +186,7 @@ def filter_part(tokenized: Dataset, where: str, strict: bool,
     if report is not None:
         report.add_dropped(reasons)
         report.truncated += int(pc.sum(tokenized.data.column("truncated").cast("int64")).as_py() or 0)
+        report.prefix_only += int(pc.sum(tokenized.data.column("prefix_only").cast("int64")).as_py() or 0)
         report.context_replies += int(pc.sum(tokenized.data.column("context_replies")).as_py() or 0)
     if not reasons:
         return tokenized, reasons
