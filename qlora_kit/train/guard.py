@@ -1,4 +1,4 @@
-"""The non-finite guard: an optimizer step whose loss, gradient norm, learning rate or update is NaN or inf is skipped.
+"""The non-finite guard: a step whose loss, gradient norm, learning rate or update is NaN or inf is skipped.
 
 The guard decides on the device, so it adds no device-to-host synchronisation: a 0-dim boolean
 `apply` is computed from the step's loss and gradient norm, and the update is undone where it is
@@ -71,8 +71,7 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
     if not floats:
         return torch.ones((), dtype=torch.bool, device=tensors[0].device if tensors else "cpu")
-    largest = torch.stack([t.abs().amax().float().to(floats[0].device) for t in floats])  # NaN and inf carry through
-    return torch.isfinite(largest).all()
+    return torch.stack([torch.isfinite(t).all().to(floats[0].device) for t in floats]).all()
 
 
 @dataclass
@@ -140,7 +139,8 @@ class NonfiniteGuard:
             return self.apply
         tripped = self.counts[3] > 0
         self.update_finite.fill_(True)
-        self.apply.copy_(torch.isfinite(loss) & torch.isfinite(grad_norm) & ~tripped & all(map(math.isfinite, learning_rates)))
+        finite_rates = all(map(math.isfinite, learning_rates))
+        self.apply.copy_(torch.isfinite(loss) & torch.isfinite(grad_norm) & ~tripped & finite_rates)
         found_inf = getattr(self.optimizer, "found_inf", None)
         if found_inf is not None:
             found_inf.copy_(~self.apply)
@@ -242,7 +242,7 @@ def refuse_nonfinite_weights(model, what: str, newest_checkpoint: Optional[Path]
             f"--resume_from_checkpoint latest" if newest_checkpoint else
             "no checkpoint was written before it: after the fix start over with --overwrite_output_dir true")
     raise UserError(
-        f"{what}: {len(bad)} LoRA weight tensor(s) hold NaN or inf (e.g. {bad[0]}) and are never saved; {back}. Usual causes: a learning rate too high (lower "
-        f"--learning_rate), float16 overflow (use --bnb_4bit_compute_dtype bfloat16 or float32), or "
-        f"--max_nonfinite_steps 0, which applies non-finite updates"
+        f"{what}: {len(bad)} LoRA weight tensor(s) hold NaN or inf (e.g. {bad[0]}) and are never saved; {back}. "
+        f"Usual causes: a learning rate too high (lower --learning_rate), float16 overflow (use "
+        f"--bnb_4bit_compute_dtype bfloat16 or float32), or --max_nonfinite_steps 0, which applies non-finite updates"
     )
