@@ -9,10 +9,12 @@ transformers' `HfArgumentParser`. Every problem is a `UserError` naming the fiel
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import yaml
 from transformers import HfArgumentParser
@@ -20,6 +22,9 @@ from transformers import HfArgumentParser
 from qlora_kit.errors import UserError
 
 DTypeChoice = Literal["auto", "bfloat16", "float16", "float32"]
+
+MAX_EVAL_FRACTION = 0.5  # beyond it the eval split would outgrow the training split
+MAX_LEARNING_RATE = 1.0  # an AdamW step moves each weight by about this much: above 1 nothing useful is learned
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -81,7 +86,10 @@ class DataArguments:
         default="chatterbot-en",
     )
     max_seq_length: int = _help("Longest sequence in tokens; longer conversations are truncated.", default=512)
-    eval_fraction: float = _help("Share of the data held out for the eval loss (0 for none).", default=0.05)
+    eval_fraction: float = _help(
+        "Share of each source held out for the eval loss (0 for none), at most 0.5 so the training split is never "
+        "smaller than the eval split; a few percent is enough for a steady eval loss. For a bigger eval set, "
+        "give it with --eval_dataset_name.", default=0.05)
     assistant_only_loss: bool = _help("Train on assistant tokens only (false: on all tokens).", default=True)
     eval_dataset_name: Optional[str] = _help(
         "Held-out eval data, the same kinds as dataset_name; when set, eval_fraction is not used.", default=None
@@ -113,7 +121,10 @@ class TrainArguments:
     _argument_group_name = "training"
 
     output_dir: str = _help("Folder for the adapter, tokenizer, metrics and checkpoints.", default="runs/chat")
-    overwrite_output_dir: bool = _help("Replace an output folder that holds an earlier run.", default=False)
+    overwrite_output_dir: bool = _help(
+        "Replace an output folder that holds an earlier run: only the run's own files (adapter, tokenizer, "
+        "run_config.yaml, metrics.jsonl, loss.png, checkpoints/, merged/) are removed; others stay and are listed.",
+        default=False)
     resume_from_checkpoint: Optional[str] = _help(
         "Continue a run: 'latest' (the newest checkpoint in output_dir) or a checkpoint folder.", default=None
     )
@@ -122,7 +133,7 @@ class TrainArguments:
     per_device_train_batch_size: int = _help("Sequences per micro-batch.", default=8)
     per_device_eval_batch_size: int = _help("Sequences per eval batch.", default=8)
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
-    learning_rate: float = _help("Peak learning rate.", default=2e-4)
+    learning_rate: float = _help("Peak learning rate, in (0, 1]; QLoRA runs use 1e-5 to 5e-4.", default=2e-4)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     warmup_ratio: float = _help("Share of the steps spent warming the learning rate up.", default=0.03)
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = _help("Learning-rate schedule.", default="cosine")
@@ -142,7 +153,7 @@ class TrainArguments:
     )
     max_nonfinite_steps: int = _help(
         "Skip an optimizer step whose loss or gradient norm is NaN or inf; stop after this many in a row "
-        "(0: no guard, such updates are applied).",
+        "(0: no guard: such updates are applied, and the run stops rather than save weights holding NaN or inf).",
         default=5,
     )
 
@@ -323,6 +334,25 @@ def _as_tokens(values: dict[str, Any]) -> list[str]:
     return tokens
 
 
+NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
+def _attach_negative_values(tokens: list[str]) -> list[str]:
+    """`--field -1e-4` -> `--field=-1e-4`, so argparse takes a negative number as the value, not as a flag.
+
+    argparse reads `-1e-4` (unlike `-0.0001`) as an option and would say "expected one argument";
+    joined, the number reaches the field's range check, which says what is allowed.
+    """
+    joined: list[str] = []
+    for token in tokens:
+        previous = joined[-1] if joined else ""
+        if NUMBER.match(token) and previous.startswith("--") and "=" not in previous:
+            joined[-1] = f"{previous}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
 def parse(argv: Optional[list[str]] = None) -> RunConfig:
     """Parse `--config YAML` and flags into a validated `RunConfig`."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -331,7 +361,7 @@ def parse(argv: Optional[list[str]] = None) -> RunConfig:
     parser = build_parser()
     parser.set_defaults(**{name: None for name, value in values.items() if value is None})
     *groups, unknown = parser.parse_args_into_dataclasses(
-        args=_as_tokens(values) + argv, look_for_args_file=False, return_remaining_strings=True
+        args=_attach_negative_values(_as_tokens(values) + argv), look_for_args_file=False, return_remaining_strings=True
     )
     if unknown:
         raise UserError(f"unknown argument(s): {' '.join(unknown)} (see --help for every field)")
@@ -340,32 +370,68 @@ def parse(argv: Optional[list[str]] = None) -> RunConfig:
     return config
 
 
+# The range of every numeric field: field -> (test, what the field must be). Float fields must
+# also be finite (NaN and inf are refused before any range is tested).
+NUMERIC_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lora_r": (lambda v: v > 0, "a positive integer"),
+    "lora_alpha": (lambda v: v > 0, "positive"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "max_seq_length": (lambda v: v >= 2, "at least 2"),
+    "eval_fraction": (lambda v: 0 <= v <= MAX_EVAL_FRACTION,
+                      f"in [0, {MAX_EVAL_FRACTION}] (more would train on fewer examples than it evaluates; "
+                      f"give a separate eval set with --eval_dataset_name)"),
+    "dataset_num_proc": (lambda v: v >= 1, "at least 1"),
+    "num_train_epochs": (lambda v: v >= 0, "0 or positive"),
+    "max_steps": (lambda v: v == -1 or v > 0, "-1 (run --num_train_epochs) or a positive number of steps"),
+    "per_device_train_batch_size": (lambda v: v >= 1, "at least 1"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, "at least 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, "at least 1"),
+    "learning_rate": (lambda v: 0 < v <= MAX_LEARNING_RATE,
+                      f"in (0, {MAX_LEARNING_RATE:g}] (AdamW moves each weight by about the learning rate per step; "
+                      f"QLoRA runs use 1e-5 to 5e-4)"),
+    "weight_decay": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "max_grad_norm": (lambda v: v >= 0, "0 (off) or positive"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    "logging_steps": (lambda v: v >= 1, "at least 1"),
+    "eval_steps": (lambda v: v >= 0, "0 (only at the end) or positive"),
+    "save_steps": (lambda v: v >= 0, "0 (only at the end) or positive"),
+    "save_total_limit": (lambda v: v >= 0, "0 (keep every checkpoint) or positive"),
+    "max_nonfinite_steps": (lambda v: v >= 0, "0 (no guard) or positive"),
+    "loss_chunk_size": (lambda v: v >= 0, "0 (plain loss) or positive"),
+    "resident_layers": (lambda v: v >= -1, "-1 (the plan decides) or a number of layers"),
+    "layers_in_flight": (lambda v: v >= 1, "at least 1"),
+}
+
+
+def check_numbers(values: dict[str, Any]) -> None:
+    """Refuse a numeric field that is not finite or out of its range (NUMERIC_RANGES), naming it.
+
+    Args:
+        values: field -> value, as `RunConfig.to_dict()` gives them; None means "unset" and is not checked.
+
+    Raises:
+        UserError: for the first field that fails.
+    """
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            raise UserError(f"--{name} must be a finite number, got {value}")
+        test, allowed = NUMERIC_RANGES.get(name, (None, ""))
+        if test is not None and not test(value):
+            raise UserError(f"--{name} must be {allowed}, got {value}")
+
+
 def validate(config: RunConfig) -> None:
-    """Refuse values that cannot work, naming the field."""
+    """Refuse values that cannot work, naming the field: run by `parse`, before anything is loaded."""
+    check_numbers(config.to_dict())
     checks = [
-        (config.lora.lora_r > 0, f"--lora_r must be a positive integer, got {config.lora.lora_r}"),
-        (config.lora.lora_alpha > 0, f"--lora_alpha must be positive, got {config.lora.lora_alpha}"),
-        (0 <= config.lora.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {config.lora.lora_dropout}"),
-        (config.data.max_seq_length > 1, f"--max_seq_length must be at least 2, got {config.data.max_seq_length}"),
-        (0 <= config.data.eval_fraction < 1, f"--eval_fraction must be in [0, 1), got {config.data.eval_fraction}"),
-        (config.train.learning_rate > 0, f"--learning_rate must be positive, got {config.train.learning_rate}"),
-        (config.train.per_device_train_batch_size > 0, "--per_device_train_batch_size must be at least 1"),
-        (config.train.per_device_eval_batch_size > 0, "--per_device_eval_batch_size must be at least 1"),
-        (config.train.gradient_accumulation_steps > 0, "--gradient_accumulation_steps must be at least 1"),
         (config.train.max_steps > 0 or config.train.num_train_epochs > 0,
          "set --max_steps or --num_train_epochs to a positive number"),
-        (0 <= config.train.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1), got {config.train.warmup_ratio}"),
-        (config.train.max_grad_norm >= 0, "--max_grad_norm must be 0 (off) or positive"),
-        (config.train.logging_steps > 0, "--logging_steps must be at least 1"),
-        (config.train.eval_steps >= 0, "--eval_steps must be 0 (only at the end) or positive"),
-        (config.train.save_steps >= 0, "--save_steps must be 0 (only at the end) or positive"),
-        (config.train.save_total_limit >= 0, "--save_total_limit must be 0 (keep every checkpoint) or positive"),
-        (config.train.max_nonfinite_steps >= 0, "--max_nonfinite_steps must be 0 (no guard) or positive"),
         (not (config.train.keep_best_checkpoint and config.train.eval_steps and config.train.save_steps
               and config.train.save_steps % config.train.eval_steps),
          "--keep_best_checkpoint needs --save_steps to be a multiple of --eval_steps, so checkpoints have an eval loss"),
-        (config.stream.resident_layers >= -1, "--resident_layers must be -1 (all) or a number of layers"),
-        (config.stream.layers_in_flight >= 1, "--layers_in_flight must be at least 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -378,8 +444,6 @@ def _validate_memory(args: MemoryArguments) -> None:
 
     if args.gpu_memory not in ("auto", "none"):
         parse_memory_size(args.gpu_memory, "--gpu_memory")
-    if args.loss_chunk_size is not None and args.loss_chunk_size < 0:
-        raise UserError(f"--loss_chunk_size must be 0 (plain loss) or positive, got {args.loss_chunk_size}")
 
 
 def write_run_config(config: RunConfig, path: Path, resolved: dict[str, Any]) -> None:

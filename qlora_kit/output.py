@@ -1,7 +1,9 @@
 """The run's output folder: refusing to clobber an earlier run, what a resume may change, and the final save.
 
 RUN/ holds adapter_config.json + adapter_model.safetensors (PEFT format), the tokenizer and chat
-template, run_config.yaml, metrics.jsonl, loss.png and checkpoints/step-N/.
+template, run_config.yaml, metrics.jsonl, loss.png and checkpoints/step-N/ (and merged/ with
+--export_merged). These are the run's own files (RUN_FILES, RUN_FOLDERS); --overwrite_output_dir
+removes only them, and never a file the run did not write (a user's notes, the run's own dataset).
 
 A resume is checked against the run_config.yaml the checkpoint carries: what the checkpoint's
 tensors and data position mean (the base model, the LoRA shape, the training tokens, the data
@@ -14,20 +16,33 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import pyarrow.compute as pc
 import yaml
 from datasets import Dataset
 
-from qlora_kit.config import RunConfig, TrainArguments
+from qlora_kit.config import DataArguments, RunConfig, TrainArguments
+from qlora_kit.data.load import parse_sources
 from qlora_kit.errors import UserError
-from qlora_kit.log import notice_once
-from qlora_kit.train.checkpoint import resolve_resume_dir
+from qlora_kit.log import logger, notice_once
+from qlora_kit.train.checkpoint import list_checkpoints, resolve_resume_dir
+from qlora_kit.train.guard import refuse_nonfinite_weights
 from qlora_kit.train.metrics import MetricsLog, plot_loss
 
 RUN_MARKER = "run_config.yaml"
+MODEL_CARD = "README.md"  # peft writes a model card with the adapter; the run's only when it is one
+# The top-level files and folders a run writes, whichever tokenizer it has: what --overwrite_output_dir removes.
+RUN_FILES = frozenset({
+    RUN_MARKER, "metrics.jsonl", "loss.png", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+    "chat_template.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model",
+})
+RUN_FOLDERS = frozenset({"checkpoints", "merged", ".tmp-final-adapter"})
+RUN_PREFIXES = (".merged.partial-",)  # an export killed half-way (export/folder.py)
 
 # Fields a resume must keep, and what they fix in the checkpoint.
 FIXED_FIELDS = {
@@ -48,22 +63,50 @@ NOT_COMPARED = {"resume_from_checkpoint", "overwrite_output_dir", "resolved"}
 def check_output_dir(run_dir: Path, args: TrainArguments) -> Optional[Path]:
     """Refuse an output folder that would lose work; return the checkpoint to resume from, if any.
 
-    Nothing is written here: this runs before any file is touched. A checkpoint to resume from is
-    validated against its manifest here.
+    Nothing is left behind here: this runs before the model loads and before any file is written
+    (the write test's empty file is removed at once). A checkpoint to resume from is validated
+    against its manifest here.
     """
-    if args.resume_from_checkpoint:
-        return resolve_resume_dir(args.resume_from_checkpoint, run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--output_dir {run_dir} is a file; choose a folder")
+    check_writable(run_dir)
+    if args.resume_from_checkpoint:
+        return resolve_resume_dir(args.resume_from_checkpoint, run_dir)
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not (run_dir / RUN_MARKER).is_file():
             raise UserError(f"--output_dir {run_dir} holds files that are not a qlora_kit run; choose another folder")
         if not args.overwrite_output_dir:
-            raise UserError(
-                f"--output_dir {run_dir} holds an earlier run; pass --overwrite_output_dir true to replace it, "
-                f"--resume_from_checkpoint latest to continue it, or choose another folder"
-            )
+            raise UserError(f"--output_dir {run_dir} holds an earlier run; {_what_to_do_with(run_dir)}")
     return None
+
+
+def _what_to_do_with(run_dir: Path) -> str:
+    """The ways on from a folder holding an earlier run: resume only where a checkpoint exists."""
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        return (f"pass --overwrite_output_dir true to replace it, --resume_from_checkpoint latest to continue it "
+                f"from {checkpoints[-1].name}, or choose another folder")
+    return ("it has no checkpoint to resume from: pass --overwrite_output_dir true to start over (only the run's "
+            "own files are removed), or choose another folder")
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse an output folder that cannot be created or written, by creating (and removing) an empty file.
+
+    Raises:
+        UserError: "cannot write to RUN_DIR (reason)".
+    """
+    existing = run_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".qlora_kit-write-test-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        where = "" if existing == run_dir.absolute() else f" ({existing} {error.strerror.lower()})"
+        reason = error.strerror.lower() if not where else "it cannot be created"
+        raise UserError(f"cannot write to --output_dir {run_dir}: {reason}{where}; choose another folder") from None
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -138,11 +181,69 @@ def check_resume(resume_dir: Path, config: RunConfig, identity: dict[str, str]) 
         notice_once(f"resuming with changed fields: {', '.join(allowed)}")
 
 
-def prepare_output_dir(run_dir: Path, resuming: bool) -> None:
-    """Create the folder; clear an earlier run first when overwriting (checked by check_output_dir)."""
+def prepare_output_dir(run_dir: Path, resuming: bool, keep: Iterable[Path] = ()) -> None:
+    """Create the folder; when overwriting (checked by check_output_dir), remove the earlier run's own files.
+
+    Args:
+        run_dir: the output folder.
+        resuming: the run continues from a checkpoint: nothing is removed.
+        keep: paths that must survive even where they bear a run file's name (the run's data sources).
+    """
     if run_dir.is_dir() and not resuming and (run_dir / RUN_MARKER).is_file():
-        shutil.rmtree(run_dir)
+        remove_earlier_run(run_dir, keep)
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def data_paths(args: DataArguments) -> list[Path]:
+    """The local files and folders the run reads its data from (they survive --overwrite_output_dir)."""
+    specs = [args.dataset_name] + ([args.eval_dataset_name] if args.eval_dataset_name else [])
+    names = [source.name for spec in specs for source in parse_sources(spec)]
+    return [Path(name).expanduser() for name in names if Path(name).expanduser().exists()]
+
+
+def is_run_entry(path: Path) -> bool:
+    """Whether a top-level entry of a run folder is one a run writes (RUN_FILES, RUN_FOLDERS, peft's card)."""
+    name = path.name
+    if path.is_dir() and not path.is_symlink():
+        return name in RUN_FOLDERS or name.startswith(RUN_PREFIXES)
+    if name == MODEL_CARD:
+        return is_peft_model_card(path)
+    return name in RUN_FILES
+
+
+def is_peft_model_card(path: Path) -> bool:
+    """Whether README.md is the model card peft writes beside an adapter (and not a user's notes)."""
+    try:
+        head = path.read_text(errors="replace")[:4096]
+    except OSError:
+        return False
+    return head.startswith("---") and "library_name: peft" in head
+
+
+def remove_earlier_run(run_dir: Path, keep: Iterable[Path] = ()) -> tuple[list[str], list[str]]:
+    """Remove the run's own files from run_dir, leave every other file; log both lists.
+
+    Returns:
+        (removed, kept): the top-level names, folders with a trailing '/'.
+    """
+    protected = [Path(p).resolve() for p in keep]
+    removed, kept = [], []
+    for path in sorted(run_dir.iterdir()):
+        shown = f"{path.name}/" if path.is_dir() else path.name
+        resolved = path.resolve()
+        holds_data = any(resolved == p or resolved in p.parents for p in protected)
+        if not is_run_entry(path) or holds_data:
+            kept.append(shown + (" (the run's data)" if holds_data else ""))
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(shown)
+    logger.info(f"--overwrite_output_dir: removed the earlier run's files from {run_dir}: {', '.join(removed)}")
+    if kept:
+        logger.info(f"kept what the run did not write: {', '.join(kept)}")
+    return removed, kept
 
 
 def finish_run(run_dir: Path, model) -> None:
@@ -150,13 +251,21 @@ def finish_run(run_dir: Path, model) -> None:
 
     The adapter is written to a hidden folder first and its files renamed into place, so a kill
     during the save leaves the previous files (or none), never a torn adapter_model.safetensors.
+    Weights holding NaN or inf are refused before anything is written.
     """
+    checkpoints = list_checkpoints(run_dir)
+    refuse_nonfinite_weights(model, "the final adapter was not written", checkpoints[-1] if checkpoints else None)
     tmp = run_dir / ".tmp-final-adapter"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     for file in sorted(tmp.iterdir()):
+        target = run_dir / file.name
+        if file.name == MODEL_CARD and target.exists() and not is_peft_model_card(target):
+            notice_once(f"{target} is not peft's model card: it is left as it is, without the card")
+            file.unlink()
+            continue
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(file, run_dir / file.name)
+        os.replace(file, target)
     tmp.rmdir()
     plot_loss(MetricsLog(run_dir / "metrics.jsonl").rows(), run_dir / "loss.png")

@@ -48,6 +48,10 @@ def resolve_model(name_or_path: str) -> Path:
     if name_or_path == DEMO_MODEL:
         return demo_model_dir()
     path = Path(name_or_path).expanduser()
+    if path.is_file():
+        kind = "a GGUF file, which 4-bit loading cannot read" if path.suffix.lower() == ".gguf" else "a file"
+        raise UserError(f"model file {path} is {kind}; point --model_name_or_path at a HF model folder "
+                        f"(config.json and safetensors weights), a hub id or '{DEMO_MODEL}'")
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"model folder {path} has no config.json; point --model_name_or_path at a HF model folder")

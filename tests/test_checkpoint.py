@@ -93,6 +93,18 @@ def test_a_damaged_checkpoint_is_refused_and_latest_falls_back(trained, tmp_path
         resolve_resume_dir("latest", run)
 
 
+def test_a_missing_checkpoint_is_named_with_the_ones_there_are(trained, tmp_path):
+    steps = trained / "checkpoints"
+    with pytest.raises(UserError) as missing:
+        resolve_resume_dir(str(steps / "step-9"), trained)
+    message = str(missing.value)
+    assert f"--resume_from_checkpoint {steps / 'step-9'} does not exist" in message and "manifest" not in message
+    assert f"the complete checkpoints are: {steps / 'step-1'}, {steps / 'step-2'}" in message
+    with pytest.raises(UserError, match=f"{tmp_path / 'empty' / 'checkpoints'} holds no complete checkpoint; start over "
+                                        f"with --overwrite_output_dir true"):
+        resolve_resume_dir("latest", tmp_path / "empty")
+
+
 def test_rotation_keeps_the_newest_and_the_best(tiny_dir, tmp_path):
     model = lora_model(tiny_dir)
     args = TrainArguments(optim="adamw_8bit")

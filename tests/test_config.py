@@ -47,6 +47,40 @@ def test_bad_flags_name_the_problem(argv, message):
         parse(argv)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--learning_rate", "inf"], "--learning_rate must be a finite number, got inf"),
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number, got nan"),
+    (["--learning_rate", "-1e-4"], r"--learning_rate must be in \(0, 1\] .*got -0.0001"),
+    (["--learning_rate", "-0.5"], r"--learning_rate must be in \(0, 1\]"),
+    (["--learning_rate", "3"], r"--learning_rate must be in \(0, 1\]"),
+    (["--lora_alpha", "-inf"], "--lora_alpha must be a finite number"),
+    (["--weight_decay", "1e300"], r"--weight_decay must be in \[0, 1\]"),
+    (["--max_grad_norm", "nan"], "--max_grad_norm must be a finite number"),
+    (["--num_train_epochs", "inf"], "--num_train_epochs must be a finite number"),
+    (["--warmup_ratio", "-0.1"], r"--warmup_ratio must be in \[0, 1\)"),
+    (["--eval_fraction", "0.99"], r"--eval_fraction must be in \[0, 0.5\] .*--eval_dataset_name"),
+    (["--seed", "-1"], r"--seed must be in \[0, 2\*\*32\)"),
+    (["--max_steps", "-5"], "--max_steps must be -1"),
+    (["--loss_chunk_size", "-2"], "--loss_chunk_size must be 0"),
+    (["--dataset_num_proc", "0"], "--dataset_num_proc must be at least 1"),
+])
+def test_numbers_must_be_finite_and_in_range(argv, message):
+    with pytest.raises(UserError, match=message):
+        parse(argv)
+
+
+def test_yaml_infinity_is_refused_too(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text("learning_rate: .inf\n")
+    with pytest.raises(UserError, match="--learning_rate must be a finite number"):
+        parse(["--config", str(file)])
+
+
+def test_negative_numbers_parse_as_values():
+    assert parse(["--max_steps", "-1", "--resident_layers", "-1", "--lora_dropout", "0"]).train.max_steps == -1
+    assert parse(["--eval_fraction", "0.5"]).data.eval_fraction == 0.5
+
+
 def test_unknown_yaml_field_names_the_field_and_file(tmp_path):
     file = tmp_path / "run.yaml"
     file.write_text("lora_rank: 8\n")

@@ -121,6 +121,14 @@ def test_bad_weights(demo_tokenizer, tmp_path):
     assert "must be a positive number" in one_line_error(demo_tokenizer, tmp_path, f"{path}:-1")
 
 
+@pytest.mark.parametrize("spec", ["{path}:0.5,{path}:abc", "{path}:abc"])
+def test_a_weight_that_is_not_a_number_is_named(demo_tokenizer, tmp_path, spec):
+    path = write_lines(tmp_path / "c.jsonl", good_lines(2))
+    message = one_line_error(demo_tokenizer, tmp_path, spec.format(path=path))
+    assert f"the weight of {path} is 'abc', which is not a number" in message
+    assert "give every source a weight" not in message and "does not exist" not in message
+
+
 # --- skips: one bad record among good ones ------------------------------------------------------
 
 SKIPS = [
@@ -173,3 +181,65 @@ def test_the_recipe_reports_bad_data_in_one_line(tmp_path, demo_model_dir):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1 and "record 3: unknown role 'bot'" in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+# --- a huge record: dropped or cut without tokenizing all of it ------------------------------------
+
+HUGE_RECORD_CHILD = """
+import json, resource, sys
+from pathlib import Path
+from qlora_kit.config import DataArguments
+from qlora_kit.data.dataset import build_datasets
+from qlora_kit.model.load import load_tokenizer
+folder, model_dir, huge_chars = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+good = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+rows = [good] * 6
+if huge_chars:
+    huge = {"messages": [{"role": "user", "content": "Summarise: " + "word " * (huge_chars // 5)},
+                         {"role": "assistant", "content": "Done."}]}
+    rows.insert(3, huge)
+path = folder / f"chats-{huge_chars}.jsonl"
+path.write_text("".join(json.dumps(row) + "\\n" for row in rows))
+args = DataArguments(dataset_name=str(path), eval_fraction=0.0, max_seq_length=256, truncation_policy="drop")
+_, _, report = build_datasets(args, load_tokenizer(Path(model_dir)), 0, cache_dir=folder / "cache")
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"peak_mib": peak, "kept": report.examples_kept, "dropped": report.dropped, "line": report.line()}))
+"""
+
+
+def data_stage_peak(tmp_path, model_dir, huge_chars: int) -> dict:
+    result = subprocess.run([sys.executable, "-c", HUGE_RECORD_CHILD, str(tmp_path), str(model_dir), str(huge_chars)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_a_huge_record_is_dropped_without_tokenizing_all_of_it(tmp_path, demo_model_dir):
+    # One 20 MB record took 2.8 GB more memory (and 80 s) before it was dropped: all of it was tokenized.
+    without = data_stage_peak(tmp_path, demo_model_dir, 0)
+    huge = data_stage_peak(tmp_path, demo_model_dir, 20_000_000)
+    assert huge["kept"] == without["kept"] == 6
+    assert huge["dropped"] == {"longer than max_seq_length (--truncation_policy drop)": 1}
+    assert "1 records far longer than max_seq_length tokenized only up to what could be kept" in huge["line"]
+    assert huge["peak_mib"] - without["peak_mib"] < 600, (huge["peak_mib"], without["peak_mib"])
+
+
+@pytest.mark.parametrize("fmt", ["messages", "text"])
+@pytest.mark.parametrize("policy", ["whole_turns", "cut", "drop"])
+def test_a_long_record_gives_the_same_tokens_as_when_tokenized_whole(demo_tokenizer, monkeypatch, fmt, policy):
+    from qlora_kit.data import tokenize
+
+    words = " ".join(f"w{i % 997}x{i % 13}" for i in range(40_000))  # ~300k characters, far above 8 per token
+    if fmt == "text":
+        batch = {"text": [words, "Short text."]}
+    else:
+        turns = [[{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."},
+                  {"role": "user", "content": words}, {"role": "assistant", "content": "Done."}],
+                 [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": words}]]
+        batch = {"messages": turns}
+    settings = tokenize.TokenizeSettings(max_seq_length=200, truncation=policy)
+    early = tokenize.tokenize_batch(batch, fmt=fmt, tokenizer=demo_tokenizer, settings=settings)
+    monkeypatch.setattr(tokenize, "PREFIX_CHARS_PER_TOKEN", 10**9)  # every text tokenized whole, as before
+    whole = tokenize.tokenize_batch(batch, fmt=fmt, tokenizer=demo_tokenizer, settings=settings)
+    assert early["prefix_only"][0] and not any(whole["prefix_only"])
+    assert {k: v for k, v in early.items() if k != "prefix_only"} == {k: v for k, v in whole.items() if k != "prefix_only"}

@@ -186,6 +186,7 @@ def filter_part(tokenized: Dataset, where: str, strict: bool,
     if report is not None:
         report.add_dropped(reasons)
         report.truncated += int(pc.sum(tokenized.data.column("truncated").cast("int64")).as_py() or 0)
+        report.prefix_only += int(pc.sum(tokenized.data.column("prefix_only").cast("int64")).as_py() or 0)
         report.context_replies += int(pc.sum(tokenized.data.column("context_replies")).as_py() or 0)
     if not reasons:
         return tokenized, reasons
@@ -193,12 +194,15 @@ def filter_part(tokenized: Dataset, where: str, strict: bool,
 
 
 def split_eval(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Optional[Dataset]]:
-    """A seeded random `fraction` of the examples held out for eval (none for fewer than 2 examples)."""
+    """A seeded random `fraction` of the examples held out for eval (none for fewer than 2 examples).
+
+    At most half are held out, so the training split is never smaller than the eval split.
+    """
     if fraction == 0 or len(dataset) < 2:
         return dataset, None
     indices = list(range(len(dataset)))
     random.Random(seed).shuffle(indices)
-    n_eval = min(len(indices) - 1, max(1, round(fraction * len(indices))))
+    n_eval = min(len(indices) // 2, max(1, round(fraction * len(indices))))
     return dataset.select(sorted(indices[n_eval:])), dataset.select(sorted(indices[:n_eval]))
 
 

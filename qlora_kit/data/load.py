@@ -61,7 +61,9 @@ def parse_sources(spec: str, flag: str = "--dataset_name") -> list[Source]:
             try:
                 name, weight = head, float(tail)
             except ValueError:
-                pass
+                if _meant_as_weight(entry, tail):
+                    raise UserError(f"{flag}: the weight of {head} is '{tail}', which is not a number; "
+                                    f"write a positive number, e.g. {head}:0.5") from None
         if weight is not None and not (math.isfinite(weight) and weight > 0):
             raise UserError(f"{flag}: the weight of {name} must be a positive number, got {tail}")
         sources.append(Source(name, weight))
@@ -71,6 +73,13 @@ def parse_sources(spec: str, flag: str = "--dataset_name") -> list[Source]:
     if any(weighted) and not all(weighted):
         raise UserError(f"{flag}: give every source a weight (a.jsonl:0.7,b.jsonl:0.3) or none")
     return sources
+
+
+def _meant_as_weight(entry: str, tail: str) -> bool:
+    """Whether the text after the last ':' of a source was meant as its weight (not part of a path)."""
+    if not tail or Path(entry).expanduser().exists():
+        return False
+    return not any(c in tail for c in "/\\") and Path(tail).suffix.lower() not in BUILDERS
 
 
 def _fingerprint(*items: object) -> str:

@@ -20,6 +20,7 @@ class DataReport:
     examples_kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> records
     truncated: int = 0
+    prefix_only: int = 0  # records far longer than max_seq_length, tokenized only up to a prefix (kept or dropped)
     context_replies: int = 0  # replies not trained: opening ones, or ones the template shows differently later
     train_examples: int = 0
     eval_examples: int = 0
@@ -57,6 +58,9 @@ class DataReport:
         ]
         if self.length:
             parts.append("length min/median/p95/max " + "/".join(str(self.length[k]) for k in ("min", "median", "p95", "max")))
+        if self.prefix_only:
+            parts.append(f"{self.prefix_only:,} records far longer than max_seq_length tokenized only up to what "
+                         "could be kept (the rest was never tokenized)")
         if self.context_replies:
             parts.append(f"{self.context_replies:,} replies kept as untrained context (an opening reply with nothing "
                          "before it, or one the chat template shows differently once later turns follow)")

@@ -13,6 +13,14 @@ a reply appears in the conversation in a form the model never writes at that poi
 kept as context, untrained, and counted (`context_replies`); the reply boundaries that do match
 are trained as usual. Which case applies is decided per reply by the prefix checks above.
 
+A text far longer than max_seq_length is not tokenized whole: only a prefix of it is, long enough
+to hold max_seq_length + PREFIX_MARGIN_TOKENS tokens (first PREFIX_CHARS_PER_TOKEN characters per
+token, four times more each time a prefix falls short). What the truncation policies see is
+unchanged: the first max_seq_length tokens are those of the whole text, since the cut lies at
+least PREFIX_MARGIN_TOKENS tokens further on, farther than a different split at the cut reaches
+back; and the full count was above max_seq_length anyway. Without it one 49 MB record took 5 GB
+of tokenizer memory before it was cut or dropped. Such records are counted (`prefix_only`).
+
 A tokenizer without a chat template gets ChatML, said once. Plain text (role "text") is
 tokenized as is, with the tokenizer's own special tokens and an end-of-sequence token, and every
 token is trained.
@@ -22,7 +30,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Sequence
 
 from datasets import Features, List, Value
 
@@ -43,10 +51,13 @@ LONGER_THAN_MAX = "longer than max_seq_length (--truncation_policy drop)"
 NOTHING_TRAINED_WITHIN_MAX = "no trained token within max_seq_length"
 LENGTH_REASONS = (LONGER_THAN_MAX, NOTHING_TRAINED_WITHIN_MAX)
 
+PREFIX_CHARS_PER_TOKEN = 8  # the first prefix tried: this many characters per token wanted
+PREFIX_MARGIN_TOKENS = 64  # tokens past max_seq_length before the cut, so the cut cannot change those kept
+
 TOKENIZED_FEATURES = Features({
     "input_ids": List(Value("int32")), "labels": List(Value("int32")), "length": Value("int32"),
     "trained": Value("int32"), "truncated": Value("bool"), "context_replies": Value("int32"),
-    "skip": Value("string"),
+    "prefix_only": Value("bool"), "skip": Value("string"),
 })
 
 
@@ -65,6 +76,41 @@ class TokenizedConversation:
     labels: list[int]
     truncated: bool
     context_replies: int = 0
+    prefix_only: bool = False  # the text was far too long: only a prefix of it was tokenized
+
+
+def encode_bounded(encode: Callable[[Sequence[str]], list], texts: Sequence[str], max_seq_length: int) -> list:
+    """`encode(texts)`, except that a text far longer than max_seq_length is encoded only as far as needed.
+
+    Args:
+        encode: texts -> one result per text, whose first item (or the result itself) is the token ids.
+        texts: the texts.
+        max_seq_length: the tokens that can be kept.
+
+    Returns:
+        (result, prefix_only) per text: for a long text, the result of a prefix that holds more than
+        max_seq_length + PREFIX_MARGIN_TOKENS tokens (see the module docstring), or of the whole text
+        when no shorter prefix does.
+    """
+    need = max_seq_length + PREFIX_MARGIN_TOKENS
+    first = need * PREFIX_CHARS_PER_TOKEN
+    results: list = [None] * len(texts)
+    short = [i for i, text in enumerate(texts) if len(text) <= first]
+    for i, result in zip(short, encode([texts[i] for i in short]) if short else []):
+        results[i] = (result, False)
+    for i in (i for i, text in enumerate(texts) if len(text) > first):
+        results[i] = _encode_prefix(encode, texts[i], need, first)
+    return results
+
+
+def _encode_prefix(encode: Callable[[Sequence[str]], list], text: str, need: int, chars: int) -> tuple[Any, bool]:
+    """The result of the shortest tried prefix of `text` (chars, 4 * chars, ...) holding more than `need` tokens."""
+    while chars < len(text):
+        result = encode([text[:chars]])[0]
+        if len(result[0] if isinstance(result, tuple) else result) > need:
+            return result, True
+        chars *= 4
+    return encode([text])[0], False
 
 
 def ensure_chat_template(tokenizer) -> None:
@@ -143,7 +189,10 @@ def tokenize_messages(tokenizer, messages: list[Message], settings: TokenizeSett
     if messages[0]["role"] == TEXT_ROLE:
         return _tokenize_text(tokenizer, messages[0]["content"], settings)
     rendered = Rendered(messages, *reply_spans(tokenizer, messages))
-    return _fit(tokenizer, rendered, *encoder(tokenizer)([rendered.text])[0], settings)
+    (ids, starts), prefix_only = encode_bounded(encoder(tokenizer), [rendered.text], settings.max_seq_length)[0]
+    fitted = _fit(tokenizer, rendered, ids, starts, settings)
+    fitted.prefix_only = prefix_only
+    return fitted
 
 
 def _fit(tokenizer, rendered: Rendered, ids: list[int], starts: list[int],
@@ -178,15 +227,25 @@ def _whole_turns(tokenizer, messages: list[Message], settings: TokenizeSettings,
 
 
 def _tokenize_text(tokenizer, text: str, settings: TokenizeSettings) -> TokenizedConversation:
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    def encode(texts: Sequence[str]) -> list[list[int]]:
+        return tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+
+    ids, prefix_only = encode_bounded(encode, [text], settings.max_seq_length)[0]
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids = [*ids, tokenizer.eos_token_id]
     if len(ids) <= settings.max_seq_length:
         return TokenizedConversation(ids, list(ids), False)
     if settings.truncation == "drop":
-        raise SkipRecord(LONGER_THAN_MAX)
+        raise _longer_than_max(prefix_only)
     ids = ids[: settings.max_seq_length]
-    return TokenizedConversation(ids, list(ids), True)
+    return TokenizedConversation(ids, list(ids), True, prefix_only=prefix_only)
+
+
+def _longer_than_max(prefix_only: bool) -> SkipRecord:
+    """The drop of a too-long record, marked when only a prefix of it was tokenized (for the report)."""
+    error = SkipRecord(LONGER_THAN_MAX)
+    error.prefix_only = prefix_only
+    return error
 
 
 def tokenize_conversation(tokenizer, messages: list[Message], max_seq_length: int, assistant_only: bool = True,
@@ -207,25 +266,29 @@ def tokenize_batch(batch: dict[str, list[Any]], *, fmt: str, tokenizer, settings
     """
     records = [dict(zip(batch, values)) for values in zip(*batch.values())]
     results: list[TokenizedConversation | Rendered | str] = []
-    for record in records:
+    prefix_only = [False] * len(records)
+    for i, record in enumerate(records):
         try:
             messages = to_messages(record, fmt)
             results.append(_tokenize_text(tokenizer, messages[0]["content"], settings)
                            if messages[0]["role"] == TEXT_ROLE else Rendered(messages, *reply_spans(tokenizer, messages)))
         except SkipRecord as reason:
             results.append(str(reason))
+            prefix_only[i] = getattr(reason, "prefix_only", False)
     pending = [i for i, r in enumerate(results) if isinstance(r, Rendered)]
-    for i, (ids, starts) in zip(pending, encoder(tokenizer)([results[i].text for i in pending])):
+    encoded = encode_bounded(encoder(tokenizer), [results[i].text for i in pending], settings.max_seq_length)
+    for i, ((ids, starts), only_prefix) in zip(pending, encoded):
+        prefix_only[i] = only_prefix
         try:
             results[i] = _fit(tokenizer, results[i], ids, starts, settings)
         except SkipRecord as reason:
             results[i] = str(reason)
-    return _columns(results)
+    return _columns(results, prefix_only)
 
 
-def _columns(results: list[TokenizedConversation | str]) -> dict[str, list]:
+def _columns(results: list[TokenizedConversation | str], prefix_only: list[bool]) -> dict[str, list]:
     out: dict[str, list] = {name: [] for name in TOKENIZED_FEATURES}
-    for result in results:
+    for result, only_prefix in zip(results, prefix_only):
         skip, trained = "", 0
         if isinstance(result, TokenizedConversation):
             trained = trained_count(result.labels)
@@ -240,5 +303,6 @@ def _columns(results: list[TokenizedConversation | str]) -> dict[str, list]:
         out["trained"].append(trained)
         out["truncated"].append(tokenized.truncated)
         out["context_replies"].append(tokenized.context_replies)
+        out["prefix_only"].append(only_prefix or (isinstance(result, TokenizedConversation) and result.prefix_only))
         out["skip"].append(skip)
     return out

@@ -28,7 +28,8 @@ from qlora_kit.model.load import choose_compute_dtype, load_tokenizer
 from qlora_kit.model.lora import (add_lora, choose_lora_dtype, enable_gradient_checkpointing, log_dtype_choice,
                                   trainable_report)
 from qlora_kit.model.stream_load import load_model
-from qlora_kit.output import check_output_dir, check_resume, finish_run, prepare_output_dir, run_identity
+from qlora_kit.output import (check_output_dir, check_resume, data_paths, finish_run, prepare_output_dir,
+                              run_identity)
 from qlora_kit.sources import resolve_model
 from qlora_kit.train.checkpoint import TrainState, check_checkpoint_space
 from qlora_kit.train.loop import total_optimizer_steps, train
@@ -87,7 +88,7 @@ def run(config: RunConfig) -> RunResult:
     check_checkpoint_space(run_dir, model, config.train.optim)
 
     # The output folder: the resolved configuration and the tokenizer first.
-    prepare_output_dir(run_dir, resuming=resume_dir is not None)
+    prepare_output_dir(run_dir, resuming=resume_dir is not None, keep=data_paths(config.data))
     write_run_config(config, run_dir / "run_config.yaml", resolved={
         "base_model_dir": str(model_dir),
         "compute_dtype": str(compute_dtype).removeprefix("torch."),

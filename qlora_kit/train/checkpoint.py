@@ -140,13 +140,17 @@ def resolve_resume_dir(choice: str, run_dir: Path) -> Path:
     """
     if choice != "latest":
         path = Path(choice).expanduser()
+        if not path.exists():
+            raise UserError(f"--resume_from_checkpoint {choice} does not exist; {_available(path, run_dir)}")
         if not (path / MANIFEST).is_file():
-            raise UserError(f"--resume_from_checkpoint {choice} is not a complete checkpoint folder (no {MANIFEST})")
+            raise UserError(f"--resume_from_checkpoint {choice} is not a complete checkpoint folder (it has no "
+                            f"{MANIFEST}); {_available(path, run_dir)}")
         validate_checkpoint(path)
         return path
     found = list_checkpoints(run_dir)
     if not found:
-        raise UserError(f"--resume_from_checkpoint latest: {checkpoints_dir(run_dir)} holds no complete checkpoint")
+        raise UserError(f"--resume_from_checkpoint latest: {checkpoints_dir(run_dir)} holds no complete checkpoint; "
+                        f"start over with --overwrite_output_dir true, or choose another --output_dir")
     for folder in reversed(found):
         try:
             validate_checkpoint(folder)
@@ -154,6 +158,15 @@ def resolve_resume_dir(choice: str, run_dir: Path) -> Path:
         except CheckpointDamaged as damage:
             logger.warning(f"{damage}; trying the checkpoint before it")
     raise UserError(f"--resume_from_checkpoint latest: every checkpoint in {checkpoints_dir(run_dir)} is damaged")
+
+
+def _available(path: Path, run_dir: Path) -> str:
+    """The complete checkpoints beside `path` and in run_dir, said for a message."""
+    places = [run_dir] + ([path.parent.parent] if path.parent.name == "checkpoints" else [])
+    found = sorted({str(c) for place in places for c in list_checkpoints(place)}, key=lambda c: checkpoint_step(Path(c)))
+    if not found:
+        return f"there is no complete checkpoint in {checkpoints_dir(run_dir)}"
+    return f"the complete checkpoints are: {', '.join(found)} (or pass 'latest')"
 
 
 # ---------------------------------------------------------------- writing

@@ -1,4 +1,4 @@
-"""The non-finite guard: an optimizer step whose loss or gradient norm is NaN or inf is skipped.
+"""The non-finite guard: a step whose loss, gradient norm, learning rate or update is NaN or inf is skipped.
 
 The guard decides on the device, so it adds no device-to-host synchronisation: a 0-dim boolean
 `apply` is computed from the step's loss and gradient norm, and the update is undone where it is
@@ -14,8 +14,15 @@ How a step is undone depends on the optimizer:
   bitsandbytes counts steps in a Python int per parameter, which the device cannot undo; the
   guard subtracts the skipped steps when it reads its counters. Until then (at most
   `logging_steps - 1` steps) Adam's bias correction runs one step ahead per skipped step.
+  The new values are kept only where they are finite too: a parameter whose update came out
+  NaN or inf (finite gradients can still give one, e.g. through a huge learning rate) keeps its
+  old values and state, and the step counts as a bad step. The other parameters of that step
+  keep their update: the check is per parameter, so no second copy of every state is needed.
 - torch's fused AdamW takes a `found_inf` flag (the GradScaler protocol) and skips on the device,
-  step counts included.
+  step counts included. It updates all parameters in one call, so a non-finite update cannot be
+  undone without a copy of every parameter and state: after the step the guard checks them on
+  the device and, if any is not finite, trips at once. The loop then stops at its next check
+  without saving the broken weights (train/loop.py refuses to write a non-finite adapter).
 
 After `max_in_a_row` bad steps in a row the guard trips: every later step is skipped too, so the
 weights stay those from before the trouble until the loop sees it and stops.
@@ -23,10 +30,14 @@ weights stay those from before the trouble until the loop sees it and stops.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 import torch
+
+from qlora_kit.errors import UserError
 
 QUANTIZATION_MAPS = ("qmap1", "qmap2")  # bitsandbytes' constant code books, shared between parameters
 
@@ -55,6 +66,14 @@ def on_device(tensor: torch.Tensor) -> torch.Tensor:
     return view
 
 
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A device boolean: every value of every floating-point tensor is finite (no host synchronisation)."""
+    floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
+    if not floats:
+        return torch.ones((), dtype=torch.bool, device=tensors[0].device if tensors else "cpu")
+    return torch.stack([torch.isfinite(t).all().to(floats[0].device) for t in floats]).all()
+
+
 @dataclass
 class GuardReport:
     """The guard's counters, as read by the host."""
@@ -74,6 +93,7 @@ class NonfiniteGuard:
         self.max_in_a_row = max_in_a_row
         self.enabled = max_in_a_row > 0
         self.apply = torch.ones((), dtype=torch.bool, device=device)
+        self.update_finite = torch.ones((), dtype=torch.bool, device=device)  # this step's new values so far
         # skipped, in a row, trouble start, tripped
         self.counts = torch.zeros(4, dtype=torch.long, device=device)
         self._read_skipped = 0
@@ -99,17 +119,28 @@ class NonfiniteGuard:
             keys = [k for k, v in state.items() if torch.is_tensor(v) and k not in QUANTIZATION_MAPS]
             saved = [p.detach().clone()] + [on_device(state[k]).clone() for k in keys]
             original(group, p, gindex, pindex)
-            for tensor, old in zip([p.data] + [on_device(state[k]) for k in keys], saved):
-                torch.where(self.apply, tensor, old, out=tensor)
+            new = [p.data] + [on_device(state[k]) for k in keys]
+            keep = self.apply & all_finite(new)
+            self.update_finite &= keep | ~self.apply  # a skipped step's update is not judged
+            for tensor, old in zip(new, saved):
+                torch.where(keep, tensor, old, out=tensor)
 
         optimizer.update_step = guarded_update_step
 
-    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
-        """Decide (on the device) whether this step's update is applied; call before optimizer.step()."""
+    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor, learning_rates: Sequence[float] = ()) -> torch.Tensor:
+        """Decide (on the device) whether this step's update is applied; call before optimizer.step().
+
+        Args:
+            loss: the step's summed loss (a device scalar).
+            grad_norm: the gradient norm before clipping (a device scalar).
+            learning_rates: the step's learning rate per parameter group (host floats); a non-finite one skips the step.
+        """
         if not self.enabled:
             return self.apply
         tripped = self.counts[3] > 0
-        self.apply.copy_(torch.isfinite(loss) & torch.isfinite(grad_norm) & ~tripped)
+        self.update_finite.fill_(True)
+        finite_rates = all(map(math.isfinite, learning_rates))
+        self.apply.copy_(torch.isfinite(loss) & torch.isfinite(grad_norm) & ~tripped & finite_rates)
         found_inf = getattr(self.optimizer, "found_inf", None)
         if found_inf is not None:
             found_inf.copy_(~self.apply)
@@ -119,12 +150,23 @@ class NonfiniteGuard:
         """Update the counters for optimizer step `step` (1-based), on the device."""
         if not self.enabled:
             return
-        bad = (~self.apply).long()
+        if not self._python_step_counts:  # torch's AdamW: judge the applied update now (it cannot be undone)
+            self.update_finite.copy_(all_finite(self._optimizer_tensors()) | ~self.apply)
+        bad = (~(self.apply & self.update_finite)).long()
         skipped, in_a_row, start, tripped = self.counts.unbind()
         in_a_row = (in_a_row + 1) * bad
         start = torch.where((bad > 0) & (in_a_row == 1), step, start)
-        tripped = torch.maximum(tripped, (in_a_row >= self.max_in_a_row).long())
+        unrecoverable = (~self.update_finite).long() * int(not self._python_step_counts)
+        tripped = torch.maximum(tripped, torch.maximum((in_a_row >= self.max_in_a_row).long(), unrecoverable))
         self.counts.copy_(torch.stack([skipped + bad, in_a_row, start, tripped]))
+        self.apply &= self.update_finite  # what the loop counts as applied
+
+    def _optimizer_tensors(self) -> list[torch.Tensor]:
+        """Every parameter and floating-point state tensor of the optimizer."""
+        tensors = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for state in self.optimizer.state.values():
+            tensors += [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point() and v.dim()]
+        return tensors
 
     def read(self) -> GuardReport:
         """Read the counters (one device-to-host copy) and set bitsandbytes' step counts back."""
@@ -170,4 +212,37 @@ def nonfinite_stop_message(report: GuardReport, max_in_a_row: int, step: int, ch
         f"learning rate too high (lower --learning_rate), float16 overflow (use --bnb_4bit_compute_dtype "
         f"bfloat16 or float32), or bad data in those steps' batches. After the fix, continue with "
         f"--resume_from_checkpoint latest"
+    )
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of the trainable parameters holding a NaN or inf (one device-to-host read)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        return []
+    finite = torch.stack([all_finite([p]).to(named[0][1].device) for _, p in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite) if not ok]
+
+
+def refuse_nonfinite_weights(model, what: str, newest_checkpoint: Optional[Path]) -> None:
+    """Raise before a non-finite adapter is written: neither a checkpoint nor the final adapter may hold NaN or inf.
+
+    Args:
+        model: the model whose trainable parameters are checked.
+        what: the start of the message, e.g. "training stopped at step 7".
+        newest_checkpoint: the newest checkpoint written (None: none), named as the way back.
+
+    Raises:
+        UserError: naming what stopped, a parameter, and what there is to go back to.
+    """
+    bad = nonfinite_parameters(model)
+    if not bad:
+        return
+    back = (f"the newest checkpoint, {newest_checkpoint}, is intact: after the fix continue with "
+            f"--resume_from_checkpoint latest" if newest_checkpoint else
+            "no checkpoint was written before it: after the fix start over with --overwrite_output_dir true")
+    raise UserError(
+        f"{what}: {len(bad)} LoRA weight tensor(s) hold NaN or inf (e.g. {bad[0]}) and are never saved; {back}. "
+        f"Usual causes: a learning rate too high (lower --learning_rate), float16 overflow (use "
+        f"--bnb_4bit_compute_dtype bfloat16 or float32), or --max_nonfinite_steps 0, which applies non-finite updates"
     )

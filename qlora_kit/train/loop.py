@@ -31,7 +31,7 @@ from qlora_kit.errors import UserError
 from qlora_kit.log import logger
 from qlora_kit.train.checkpoint import (DataPosition, TrainState, best_checkpoint, checkpoints_dir, remove_leftovers,
                                         resume_training, rotate_checkpoints, save_checkpoint)
-from qlora_kit.train.guard import NonfiniteGuard, nonfinite_stop_message
+from qlora_kit.train.guard import NonfiniteGuard, nonfinite_stop_message, refuse_nonfinite_weights
 from qlora_kit.train.loss import batch_loss_sum, count_trained_tokens
 from qlora_kit.train.metrics import MetricsLog
 from qlora_kit.train.optim import build_optimizer, build_scheduler
@@ -150,7 +150,8 @@ def train(
 
     Raises:
         TrainingStopped: SIGINT/SIGTERM arrived; a checkpoint was written (exit code 128 + signal).
-        UserError: a checkpoint could not be written, or too many steps in a row were not finite.
+        UserError: a checkpoint could not be written, too many steps in a row were not finite, or the LoRA
+            weights hold NaN or inf (they are never saved so).
     """
     device = accelerator.device
     total_steps = total_optimizer_steps(len(train_dataset), args)
@@ -172,6 +173,8 @@ def train(
 
     def checkpoint() -> Path:
         guard.read()  # sets bitsandbytes' step counts back before they are saved
+        refuse_nonfinite_weights(accelerator.unwrap_model(model), f"training stopped at step {state.step}",
+                                 stop.newest_checkpoint)
         state.nonfinite, state.log_window = guard.state_dict(), window.state_dict()
         path = checkpoints_dir(run_dir) / f"step-{state.step}"
         if accelerator.is_main_process:
@@ -192,7 +195,8 @@ def train(
             else:
                 step_loss = accumulate_step(model, step.micro_batches, step_trained, accelerator)
             grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
-            applied = guard.check(step_loss, grad_norm)  # on the device: a non-finite step changes nothing
+            # On the device: a non-finite step changes nothing.
+            applied = guard.check(step_loss, grad_norm, scheduler.get_last_lr())
             prepared_optimizer.step()
             scheduler.step()
             prepared_optimizer.zero_grad(set_to_none=True)
