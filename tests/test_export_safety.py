@@ -217,3 +217,36 @@ def test_a_run_without_a_base_fingerprint_says_the_base_is_unchecked(run, capsys
     assert code == 0 and not errors
     assert [line for line in notices if "records no fingerprint of its base model" in line] != []
     assert not any(EXACT in line for line in notices), notices
+
+
+@pytest.fixture
+def bare_adapter(run, tmp_path):
+    """The run's adapter as a bare PEFT folder: no run_config.yaml, so no record of the quantization."""
+    bare = shutil.copytree(run[1], tmp_path / "bare")
+    (bare / "run_config.yaml").unlink()
+    return bare
+
+
+@pytest.mark.parametrize("flags", [[], ["--verify", "true", "--merge_base", "original"]])
+def test_a_bare_adapter_needs_the_compute_dtype_before_anything_is_written(bare_adapter, capsys, tmp_path, notices,
+                                                                            flags):
+    code, errors = export(capsys, "--adapter_dir", str(bare_adapter), "--output_dir", str(tmp_path / "merged"), *flags)
+    assert code == 2 and len(errors) == 1, errors
+    assert "has no run_config.yaml" in errors[0] and "--bnb_4bit_compute_dtype" in errors[0], errors
+    assert "--bnb_4bit_use_double_quant" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare"]
+    assert not any(EXACT in line for line in notices)
+
+
+def test_a_bare_adapter_with_the_flags_merges_as_its_run_does(run, bare_adapter, capsys, tmp_path, notices):
+    """The run trained in float32: given that, the bare adapter's merge is the run's, byte for byte."""
+    code, _ = export(capsys, "--adapter_dir", str(run[1]), "--output_dir", str(tmp_path / "from-run"))
+    assert code == 0
+    code, errors = export(capsys, "--adapter_dir", str(bare_adapter), "--output_dir", str(tmp_path / "from-bare"),
+                          "--bnb_4bit_compute_dtype", "float32", "--bnb_4bit_use_double_quant", "true")
+    assert code == 0 and not errors
+    merged = [(tmp_path / name / "model.safetensors").read_bytes() for name in ("from-run", "from-bare")]
+    assert merged[0] == merged[1]
+    code, errors = export(capsys, "--adapter_dir", str(bare_adapter), "--output_dir", str(tmp_path / "original"),
+                          "--merge_base", "original")
+    assert code == 0 and not errors  # the original weights do not depend on how training quantized them

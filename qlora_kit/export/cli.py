@@ -31,9 +31,11 @@ class MergeArguments:
         "Base model folder or hub id (default: the one in run_config.yaml); checked against the base model "
         "fingerprint run_config.yaml records.", default=None)
     bnb_4bit_compute_dtype: Optional[Literal["bfloat16", "float16", "float32"]] = _help(
-        "The dtype training loaded the base in (default: from run_config.yaml).", default=None)
+        "The dtype training loaded the base in (default: from run_config.yaml; without one, required for "
+        "--merge_base nf4 and --verify).", default=None)
     bnb_4bit_use_double_quant: Optional[bool] = _help(
-        "Whether training double-quantized the NF4 scales (default: from run_config.yaml).", default=None)
+        "Whether training double-quantized the NF4 scales (default: from run_config.yaml; without one, required "
+        "for --merge_base nf4 and --verify).", default=None)
     verify: bool = _help("Compare the merged model with the adapter model; writes merge_report.json.", default=False)
     overwrite: bool = _help("Replace a non-empty --output_dir (only once the new model is complete).", default=False)
     allow_other_base: bool = _help(
@@ -61,11 +63,11 @@ def options_from(args: MergeArguments) -> MergeOptions:
 
 def merge_and_verify(options: MergeOptions, verify: bool) -> MergeResult:
     """Export, then (if asked) compare the merged model with the adapter model."""
+    settings = settings_for(options, verify=True) if verify else None  # refusals come before anything is written
     result = export_merged(options)
-    if verify:
+    if settings is not None:
         from qlora_kit.export.verify import verify_merge  # imports peft: only when asked
 
-        settings = settings_for(options)
         verify_merge(options.adapter_dir, options.output_dir, settings, options.merge_base, options.dtype,
                      choose_device(options.device))
     return result

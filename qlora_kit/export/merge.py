@@ -252,10 +252,10 @@ def copy_side_files(adapter_dir: Path, base_dir: Path, target: Path) -> None:
         notice_once(f"neither {adapter_dir} nor {base_dir} holds a tokenizer: the merged folder has none")
 
 
-def settings_for(options: MergeOptions) -> RunSettings:
-    """The run's settings for this export, its base checked against the run's record."""
+def settings_for(options: MergeOptions, verify: bool) -> RunSettings:
+    """The run's settings for this export; the NF4 settings are required when the merge or --verify uses them."""
     return run_settings(options.adapter_dir, options.base_model, options.compute_dtype, options.double_quant,
-                        options.allow_other_base)
+                        options.allow_other_base, quantization_needed=verify or options.merge_base == "nf4")
 
 
 def export_merged(options: MergeOptions) -> MergeResult:
@@ -266,7 +266,7 @@ def export_merged(options: MergeOptions) -> MergeResult:
     """
     started = time.perf_counter()
     adapter = LoraAdapter(options.adapter_dir)
-    settings = settings_for(options)
+    settings = settings_for(options, verify=False)
     device = choose_device(options.device)
     check_output_folder(options.output_dir, {"base model": settings.base_dir, "adapter": options.adapter_dir},
                         options.overwrite)
