@@ -47,8 +47,8 @@ def _sparse_safetensors(path, total_bytes, first_value):
     """A safetensors file of `total_bytes` whose bytes are holes except one value at the start of its data."""
     count = 4
     per_tensor = (total_bytes // count) // 2 * 2
-    header = {f"t{i}": {"dtype": "BF16", "shape": [per_tensor // 2], "data_offsets": [i * per_tensor, (i + 1) * per_tensor]}
-              for i in range(count)}
+    header = {f"t{i}": {"dtype": "BF16", "shape": [per_tensor // 2],
+                        "data_offsets": [i * per_tensor, (i + 1) * per_tensor]} for i in range(count)}
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as handle:

@@ -164,7 +164,7 @@ def test_same_config_other_weights_is_refused(straight_run, demo_identity, other
 
 def test_a_checkpoint_that_recorded_config_json_only_resumes_with_a_notice(straight_run, demo_identity, other_weights,
                                                                            tmp_path, monkeypatch):
-    """Checkpoints of older versions recorded config.json's fingerprint only: accepted, saying the weights are unchecked."""
+    """Older checkpoints recorded config.json's fingerprint only: accepted, saying the weights are unchecked."""
     old = shutil.copytree(straight_run / "checkpoints" / "step-6", tmp_path / "step-6")
     saved = yaml.safe_load((old / "run_config.yaml").read_text())
     saved["resolved"]["model_fingerprint"] = config_fingerprint(other_weights)  # the demo's config.json, too
