@@ -13,7 +13,6 @@ order) must not change; anything else may, and is listed once.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ from datasets import Dataset
 from qlora_kit.config import DataArguments, RunConfig, TrainArguments
 from qlora_kit.data.load import parse_sources
 from qlora_kit.errors import UserError
+from qlora_kit.fingerprint import compare, model_fingerprint
 from qlora_kit.log import logger, notice_once
 from qlora_kit.train.checkpoint import list_checkpoints, resolve_resume_dir
 from qlora_kit.train.guard import refuse_nonfinite_weights
@@ -109,14 +109,6 @@ def check_writable(run_dir: Path) -> None:
         raise UserError(f"cannot write to --output_dir {run_dir}: {reason}{where}; choose another folder") from None
 
 
-def model_fingerprint(model_dir: Path) -> str:
-    """SHA-256 (16 hex digits) of the model's config.json, with the fields that name its location left out."""
-    config = json.loads((model_dir / "config.json").read_text())
-    for key in ("_name_or_path", "transformers_version"):
-        config.pop(key, None)
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def data_fingerprint(dataset: Dataset, pad_id: int) -> str:
     """SHA-256 (16 hex digits) of the training tokens: every example's input_ids and labels, in order."""
     digest = hashlib.sha256(f"{len(dataset)} examples, pad {pad_id}".encode())
@@ -136,6 +128,18 @@ def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+def _base_model_change(resolved: dict[str, Any], identity: dict[str, str], model_now: str) -> Optional[str]:
+    """Why the base model is not the checkpoint's, in words; None when it is (or cannot be told apart)."""
+    recorded = resolved.get("model_fingerprint")
+    found = compare(str(recorded), identity["model_fingerprint"]) if recorded else "same"
+    if found == "config differs":
+        return f"the base model differs (config.json of {resolved.get('base_model_dir')} then, {model_now} now)"
+    if found == "weights differ":
+        return (f"the base model differs (the weights of {model_now} are not those of "
+                f"{resolved.get('base_model_dir')}, which the checkpoint was trained on)")
+    return None
+
+
 def resume_differences(saved: dict[str, Any], config: RunConfig, identity: dict[str, str]) -> tuple[list[str], list[str]]:
     """(refused, allowed): descriptions of what differs between a checkpoint's run_config.yaml and this run."""
     now = config.to_dict()
@@ -143,9 +147,9 @@ def resume_differences(saved: dict[str, Any], config: RunConfig, identity: dict[
     shown = {k: f"{k} {_show(old)} -> {_show(new)}" for k, (old, new) in changed.items()}
     refused, allowed = [], []
     resolved = saved.get("resolved") or {}
-    if resolved.get("model_fingerprint") not in (None, identity["model_fingerprint"]):
-        refused.append(f"the base model differs (config.json of {resolved.get('base_model_dir')} then, "
-                       f"{now['model_name_or_path']} now)")
+    base_change = _base_model_change(resolved, identity, now["model_name_or_path"])
+    if base_change:
+        refused.append(base_change)
         shown.pop("model_name_or_path", None)
     data_differs = resolved.get("data_fingerprint") not in (None, identity["data_fingerprint"])
     if data_differs:
@@ -172,6 +176,11 @@ def check_resume(resume_dir: Path, config: RunConfig, identity: dict[str, str]) 
         return
     saved = yaml.safe_load(saved_file.read_text()) or {}
     refused, allowed = resume_differences(saved, config, identity)
+    recorded = (saved.get("resolved") or {}).get("model_fingerprint")
+    if not refused and recorded and compare(str(recorded), identity["model_fingerprint"]) == "weights unchecked":
+        notice_once(f"{resume_dir} records the base model's config.json only (an older qlora_kit): its config "
+                    f"matches, its weights cannot be checked; make sure {config.model.model_name_or_path} "
+                    f"is the model the checkpoint was trained on")
     if refused:
         raise UserError(
             f"cannot resume from {resume_dir}: {'; '.join(refused)}. These must match the checkpoint: use the "

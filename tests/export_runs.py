@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from qlora_kit.config import DataArguments, LoraArguments, ModelArguments, RunConfig, TrainArguments, write_run_config
+from qlora_kit.fingerprint import model_fingerprint
 from qlora_kit.model.load import load_quantized_model
 from qlora_kit.model.lora import add_lora
 from tiny_models import save_tiny_model
@@ -46,5 +47,6 @@ def make_run(folder: Path, architecture: str = "llama", compute_dtype: torch.dty
     write_run_config(config, run / "run_config.yaml", resolved={
         "base_model_dir": str(base), "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "lora_dtype": "float32", "quantization": {"quant_type": "nf4", "double_quant": True}, "device": "cpu",
+        "model_fingerprint": model_fingerprint(base),
     })
     return base, run, adapted.eval()

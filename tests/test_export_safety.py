@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from export_runs import make_run
 from qlora_kit.export.cli import main
 from qlora_kit.export.random_model import preset_config, write_random_model, write_random_run
+from tiny_models import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,6 +88,10 @@ def test_an_adapter_for_another_model_is_refused(capsys, tmp_path):
     other, _, _ = make_run(tmp_path / "gpt2", "gpt2")
     code, errors = export(capsys, "--adapter_dir", str(run_dir), "--base_model", str(other),
                           "--output_dir", str(tmp_path / "merged"))
+    assert code == 2 and "its config differs from the fingerprint" in errors[0], errors
+    # Told to merge onto it anyway, the module names still do not fit.
+    code, errors = export(capsys, "--adapter_dir", str(run_dir), "--base_model", str(other),
+                          "--output_dir", str(tmp_path / "merged"), "--allow_other_base", "true")
     assert code == 2 and "does not have" in errors[0], errors
     assert not (tmp_path / "merged").exists()
 
@@ -148,6 +154,99 @@ def test_an_adapter_whose_shapes_do_not_fit_the_base_is_refused_before_writing(c
     _, run_dir, _ = make_run(tmp_path / "a", "llama")
     other, _, _ = make_run(tmp_path / "b", "llama", model_overrides={"intermediate_size": 96})
     code, errors = export(capsys, "--adapter_dir", str(run_dir), "--base_model", str(other),
-                          "--output_dir", str(tmp_path / "merged"))
+                          "--output_dir", str(tmp_path / "merged"), "--allow_other_base", "true")
     assert code == 2 and "does not fit the base weight" in errors[0], errors
     assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged*"))
+
+
+# ---------------------------------------------------------------- the base model and the quantization are the run's
+
+@pytest.fixture
+def notices(monkeypatch):
+    """The notices export gives, each time it gives them (notice_once dedupes across tests)."""
+    said = []
+    for module in ("qlora_kit.export.merge", "qlora_kit.export.settings"):
+        monkeypatch.setattr(f"{module}.notice_once", said.append)
+    return said
+
+
+EXACT = "so the merged model computes what the adapter model computed"
+
+
+def test_a_base_with_the_same_shapes_and_other_weights_is_refused(run, capsys, tmp_path, notices):
+    base, run_dir = run
+    other = save_tiny_model(tmp_path / "other", seed=1)
+    assert (other / "config.json").read_bytes() == (base / "config.json").read_bytes()
+    out = tmp_path / "merged"
+    code, errors = export(capsys, "--adapter_dir", str(run_dir), "--base_model", str(other), "--output_dir", str(out))
+    assert code == 2 and len(errors) == 1, errors
+    assert f"--base_model {other} is not the model" in errors[0] and "its weights differ" in errors[0], errors
+    assert "--allow_other_base true" in errors[0] and not any(EXACT in line for line in notices)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+    code, errors = export(capsys, "--adapter_dir", str(run_dir), "--base_model", str(other), "--output_dir", str(out),
+                          "--allow_other_base", "true")
+    assert code == 0 and not errors and (out / "model.safetensors").is_file()
+    assert not any(EXACT in line for line in notices)
+    assert any("not known that the merged model computes" in line for line in notices), notices
+
+
+def test_the_same_base_moved_elsewhere_is_accepted(run, capsys, tmp_path, notices):
+    base, run_dir = run
+    moved = shutil.copytree(base, tmp_path / "downloaded-again")
+    code, errors = export(capsys, "--adapter_dir", str(run_dir), "--base_model", str(moved),
+                          "--output_dir", str(tmp_path / "merged"))
+    assert code == 0 and not errors and any(EXACT in line for line in notices), notices
+
+
+def test_a_base_changed_in_place_since_training_is_refused(capsys, tmp_path):
+    base, run_dir, _ = make_run(tmp_path / "a", "llama")
+    save_tiny_model(base, seed=1)  # the folder run_config.yaml names now holds other weights
+    before = snapshot(tmp_path)
+    code, errors = export(capsys, "--adapter_dir", str(run_dir), "--output_dir", str(tmp_path / "merged"))
+    assert code == 2 and len(errors) == 1 and f"the base model in {base} has changed" in errors[0], errors
+    assert snapshot(tmp_path) == before
+
+
+def test_a_run_without_a_base_fingerprint_says_the_base_is_unchecked(run, capsys, tmp_path, notices):
+    base, run_dir = run
+    older = shutil.copytree(run_dir, tmp_path / "older-run")
+    recorded = yaml.safe_load((older / "run_config.yaml").read_text())
+    del recorded["resolved"]["model_fingerprint"]
+    (older / "run_config.yaml").write_text(yaml.safe_dump(recorded))
+    code, errors = export(capsys, "--adapter_dir", str(older), "--output_dir", str(tmp_path / "merged"))
+    assert code == 0 and not errors
+    assert [line for line in notices if "records no fingerprint of its base model" in line] != []
+    assert not any(EXACT in line for line in notices), notices
+
+
+@pytest.fixture
+def bare_adapter(run, tmp_path):
+    """The run's adapter as a bare PEFT folder: no run_config.yaml, so no record of the quantization."""
+    bare = shutil.copytree(run[1], tmp_path / "bare")
+    (bare / "run_config.yaml").unlink()
+    return bare
+
+
+@pytest.mark.parametrize("flags", [[], ["--verify", "true", "--merge_base", "original"]])
+def test_a_bare_adapter_needs_the_compute_dtype_before_anything_is_written(bare_adapter, capsys, tmp_path, notices,
+                                                                            flags):
+    code, errors = export(capsys, "--adapter_dir", str(bare_adapter), "--output_dir", str(tmp_path / "merged"), *flags)
+    assert code == 2 and len(errors) == 1, errors
+    assert "has no run_config.yaml" in errors[0] and "--bnb_4bit_compute_dtype" in errors[0], errors
+    assert "--bnb_4bit_use_double_quant" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare"]
+    assert not any(EXACT in line for line in notices)
+
+
+def test_a_bare_adapter_with_the_flags_merges_as_its_run_does(run, bare_adapter, capsys, tmp_path, notices):
+    """The run trained in float32: given that, the bare adapter's merge is the run's, byte for byte."""
+    code, _ = export(capsys, "--adapter_dir", str(run[1]), "--output_dir", str(tmp_path / "from-run"))
+    assert code == 0
+    code, errors = export(capsys, "--adapter_dir", str(bare_adapter), "--output_dir", str(tmp_path / "from-bare"),
+                          "--bnb_4bit_compute_dtype", "float32", "--bnb_4bit_use_double_quant", "true")
+    assert code == 0 and not errors
+    merged = [(tmp_path / name / "model.safetensors").read_bytes() for name in ("from-run", "from-bare")]
+    assert merged[0] == merged[1]
+    code, errors = export(capsys, "--adapter_dir", str(bare_adapter), "--output_dir", str(tmp_path / "original"),
+                          "--merge_base", "original")
+    assert code == 0 and not errors  # the original weights do not depend on how training quantized them

@@ -1,6 +1,7 @@
 """Exact resume: a run resumed from step k matches the run that never stopped; incompatible resumes are refused."""
 
 import dataclasses
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -9,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from qlora_kit.config import LoraArguments, TrainArguments, parse
 from qlora_kit.data.dataset import build_datasets
 from qlora_kit.errors import UserError
+from qlora_kit.fingerprint import config_fingerprint
 from qlora_kit.output import check_resume, resume_differences, run_identity
 from qlora_kit.recipes.chat import run
 from qlora_kit.train.metrics import MetricsLog
@@ -136,6 +139,57 @@ def test_a_changed_base_model_is_refused(straight_run, demo_identity, tmp_path):
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, model_name_or_path=str(other)))
     with pytest.raises(UserError, match="the base model differs"):
         check_resume(straight_run / "checkpoints" / "step-6", config, changed)
+
+
+@pytest.fixture(scope="module")
+def other_weights(tmp_path_factory, demo_model_dir):
+    """The demo model's folder, config.json and tokenizer as they are, with other weights."""
+    other = shutil.copytree(demo_model_dir, tmp_path_factory.mktemp("other") / "model")
+    tensors = load_file(other / "model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    for name, tensor in tensors.items():
+        tensors[name] = (tensor.float() + 0.02 * torch.randn(tensor.shape, generator=generator)).to(tensor.dtype)
+    save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+    return other
+
+
+def test_same_config_other_weights_is_refused(straight_run, demo_identity, other_weights):
+    config, identity = demo_identity([])
+    changed = {**identity, "model_fingerprint": run_identity(other_weights, _one_row(), 0)["model_fingerprint"]}
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, model_name_or_path=str(other_weights)))
+    with pytest.raises(UserError, match="the base model differs") as refused:
+        check_resume(straight_run / "checkpoints" / "step-6", config, changed)
+    assert f"the weights of {other_weights} are not those of" in str(refused.value)
+
+
+def test_a_checkpoint_that_recorded_config_json_only_resumes_with_a_notice(straight_run, demo_identity, other_weights,
+                                                                           tmp_path, monkeypatch):
+    """Older checkpoints recorded config.json's fingerprint only: accepted, saying the weights are unchecked."""
+    old = shutil.copytree(straight_run / "checkpoints" / "step-6", tmp_path / "step-6")
+    saved = yaml.safe_load((old / "run_config.yaml").read_text())
+    saved["resolved"]["model_fingerprint"] = config_fingerprint(other_weights)  # the demo's config.json, too
+    (old / "run_config.yaml").write_text(yaml.safe_dump(saved))
+    notices = []
+    monkeypatch.setattr("qlora_kit.output.notice_once", notices.append)
+    config, identity = demo_identity([])
+    check_resume(old, config, identity)
+    assert len(notices) == 1 and "config.json only" in notices[0] and "weights cannot be checked" in notices[0]
+    saved["resolved"]["model_fingerprint"] = "0123456789abcdef"  # another config.json
+    (old / "run_config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(UserError, match="the base model differs"):
+        check_resume(old, config, identity)
+
+
+def test_the_command_line_refuses_a_base_with_other_weights_and_writes_nothing(straight_run, other_weights):
+    before = {p: p.read_bytes() for p in straight_run.rglob("*") if p.is_file()}
+    result = subprocess.run([sys.executable, "-m", "qlora_kit.recipes.chat", *DEMO_FLAGS, "--output_dir",
+                             str(straight_run), "--resume_from_checkpoint", "latest", "--model_name_or_path",
+                             str(other_weights)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot resume from" in errors[0] and "the base model differs" in errors[0], errors
+    assert "Traceback" not in result.stderr
+    assert {p: p.read_bytes() for p in straight_run.rglob("*") if p.is_file()} == before
 
 
 def _one_row():

@@ -9,8 +9,7 @@ from typing import Literal, Optional
 
 from qlora_kit.config import ExportArguments, _help, _Parser
 from qlora_kit.errors import exit_on_user_error
-from qlora_kit.export.merge import MergeOptions, MergeResult, choose_device, export_merged
-from qlora_kit.export.settings import run_settings
+from qlora_kit.export.merge import MergeOptions, MergeResult, choose_device, export_merged, settings_for
 from qlora_kit.log import setup_logging
 from qlora_kit.model.load import DTYPES
 
@@ -28,13 +27,20 @@ class MergeArguments:
         "model computed. original: merge into the original weights W (drifts from the adapter model).", default="nf4")
     dtype: Literal["bfloat16", "float16", "float32"] = _help("dtype of the merged model.", default="bfloat16")
     max_shard_size: str = _help("Largest safetensors shard, e.g. 5GB or 500MB.", default="5GB")
-    base_model: Optional[str] = _help("Base model folder or hub id (default: the one in run_config.yaml).", default=None)
+    base_model: Optional[str] = _help(
+        "Base model folder or hub id (default: the one in run_config.yaml); checked against the base model "
+        "fingerprint run_config.yaml records.", default=None)
     bnb_4bit_compute_dtype: Optional[Literal["bfloat16", "float16", "float32"]] = _help(
-        "The dtype training loaded the base in (default: from run_config.yaml).", default=None)
+        "The dtype training loaded the base in (default: from run_config.yaml; without one, required for "
+        "--merge_base nf4 and --verify).", default=None)
     bnb_4bit_use_double_quant: Optional[bool] = _help(
-        "Whether training double-quantized the NF4 scales (default: from run_config.yaml).", default=None)
+        "Whether training double-quantized the NF4 scales (default: from run_config.yaml; without one, required "
+        "for --merge_base nf4 and --verify).", default=None)
     verify: bool = _help("Compare the merged model with the adapter model; writes merge_report.json.", default=False)
     overwrite: bool = _help("Replace a non-empty --output_dir (only once the new model is complete).", default=False)
+    allow_other_base: bool = _help(
+        "Merge onto --base_model even though it is not the model the run recorded (its fingerprint differs); "
+        "the merged model then does not compute what the adapter model computed.", default=False)
     device: Literal["auto", "cpu", "cuda"] = _help("Where the arithmetic runs; auto: CUDA when there is one.",
                                                    default="auto")
 
@@ -51,17 +57,17 @@ def options_from(args: MergeArguments) -> MergeOptions:
         adapter_dir=Path(args.adapter_dir), output_dir=Path(args.output_dir), merge_base=args.merge_base,
         dtype=DTYPES[args.dtype], max_shard_size=args.max_shard_size, base_model=args.base_model,
         compute_dtype=args.bnb_4bit_compute_dtype, double_quant=args.bnb_4bit_use_double_quant,
-        overwrite=args.overwrite, device=args.device,
+        overwrite=args.overwrite, device=args.device, allow_other_base=args.allow_other_base,
     )
 
 
 def merge_and_verify(options: MergeOptions, verify: bool) -> MergeResult:
     """Export, then (if asked) compare the merged model with the adapter model."""
+    settings = settings_for(options, verify=True) if verify else None  # refusals come before anything is written
     result = export_merged(options)
-    if verify:
+    if settings is not None:
         from qlora_kit.export.verify import verify_merge  # imports peft: only when asked
 
-        settings = run_settings(options.adapter_dir, options.base_model, options.compute_dtype, options.double_quant)
         verify_merge(options.adapter_dir, options.output_dir, settings, options.merge_base, options.dtype,
                      choose_device(options.device))
     return result

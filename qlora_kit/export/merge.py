@@ -54,6 +54,7 @@ class MergeOptions:
     double_quant: Optional[bool] = None
     overwrite: bool = False
     device: str = "auto"  # auto: cuda when there is one
+    allow_other_base: bool = False  # merge onto a base whose fingerprint is not the run's
     chunk_bytes: int = CHUNK_BYTES  # fp32 bytes of the row chunks the arithmetic works on
 
 
@@ -251,6 +252,12 @@ def copy_side_files(adapter_dir: Path, base_dir: Path, target: Path) -> None:
         notice_once(f"neither {adapter_dir} nor {base_dir} holds a tokenizer: the merged folder has none")
 
 
+def settings_for(options: MergeOptions, verify: bool) -> RunSettings:
+    """The run's settings for this export; the NF4 settings are required when the merge or --verify uses them."""
+    return run_settings(options.adapter_dir, options.base_model, options.compute_dtype, options.double_quant,
+                        options.allow_other_base, quantization_needed=verify or options.merge_base == "nf4")
+
+
 def export_merged(options: MergeOptions) -> MergeResult:
     """Merge the adapter in `options.adapter_dir` into its base and write `options.output_dir`.
 
@@ -259,7 +266,7 @@ def export_merged(options: MergeOptions) -> MergeResult:
     """
     started = time.perf_counter()
     adapter = LoraAdapter(options.adapter_dir)
-    settings = run_settings(options.adapter_dir, options.base_model, options.compute_dtype, options.double_quant)
+    settings = settings_for(options, verify=False)
     device = choose_device(options.device)
     check_output_folder(options.output_dir, {"base model": settings.base_dir, "adapter": options.adapter_dir},
                         options.overwrite)
@@ -304,7 +311,11 @@ def _write_shard(path: Path, jobs: list[TensorJob], merger: Merger) -> None:
 
 def _say_choices(options: MergeOptions, settings: RunSettings, device: torch.device) -> None:
     compute = str(settings.compute_dtype).removeprefix("torch.")
-    if options.merge_base == "nf4":
+    if options.merge_base == "nf4" and settings.unchecked:
+        notice_once(f"merge base nf4: the projections are quantized and dequantized in {compute}; not checked: "
+                    f"{'; '.join(settings.unchecked)}, so it is not known that the merged model computes what the "
+                    f"adapter model computed")
+    elif options.merge_base == "nf4":
         notice_once(f"merge base nf4: the projections are quantized and dequantized in {compute} as training "
                     f"loaded them, so the merged model computes what the adapter model computed")
         if settings.trained_on.startswith("cuda") != (device.type == "cuda") and settings.trained_on != "unknown":

@@ -21,6 +21,7 @@ from qlora_kit.export.adapter import PREFIX
 from qlora_kit.export.layout import meta_model
 from qlora_kit.export.merge import row_ranges
 from qlora_kit.export.shards import ShardWriter, TensorSpec, plan_shards, write_index
+from qlora_kit.fingerprint import model_fingerprint
 from qlora_kit.model.load import DTYPES
 from qlora_kit.model.targets import find_projections
 
@@ -109,5 +110,6 @@ def write_random_run(run_dir: Path, base_dir: Path, lora_r: int = 16, lora_alpha
     write_run_config(config, run_dir / "run_config.yaml", resolved={
         "base_model_dir": str(base_dir), "compute_dtype": compute_dtype,
         "lora_dtype": str(lora_dtype).removeprefix("torch."), "quantization": {"quant_type": "nf4", "double_quant": True},
+        "model_fingerprint": model_fingerprint(base_dir),
     })
     return run_dir
