@@ -24,6 +24,7 @@ from datasets import Dataset
 from qlora_kit.config import RunConfig, TrainArguments
 from qlora_kit.errors import UserError
 from qlora_kit.log import notice_once
+from qlora_kit.paths import check_output_parent
 from qlora_kit.train.checkpoint import resolve_resume_dir
 from qlora_kit.train.metrics import MetricsLog, plot_loss
 
@@ -53,6 +54,7 @@ def check_output_dir(run_dir: Path, args: TrainArguments) -> Optional[Path]:
     """
     if args.resume_from_checkpoint:
         return resolve_resume_dir(args.resume_from_checkpoint, run_dir)
+    check_output_parent(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--output_dir {run_dir} is a file; choose a folder")
     if run_dir.is_dir() and any(run_dir.iterdir()):

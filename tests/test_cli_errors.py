@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from tiny_models import BROKEN_MODELS
+
 
 def run_recipe(*args, cwd):
     return subprocess.run([sys.executable, "-m", "qlora_kit.recipes.chat", *args],
@@ -56,3 +58,22 @@ def test_missing_dataset(tmp_path, demo_model_dir):
     result = run_recipe("--dataset_name", str(tmp_path / "chats.jsonl"), "--output_dir", str(out), cwd=tmp_path)
     assert_one_line_error(result, "does not exist")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("break_model", BROKEN_MODELS)
+def test_a_broken_model_folder_is_one_line_before_anything_loads(tmp_path, break_model):
+    model = tmp_path / "model"
+    expected = break_model(model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    out = tmp_path / "out"
+    result = run_recipe("--model_name_or_path", str(model), "--output_dir", str(out), cwd=tmp_path)
+    assert_one_line_error(result, expected)
+    assert not out.exists() and {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+def test_an_output_dir_under_a_file_is_refused_before_the_model_is_looked_at(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "run"
+    result = run_recipe("--model_name_or_path", str(tmp_path / "no-model"), "--output_dir", str(out), cwd=tmp_path)
+    assert_one_line_error(result, f"--output_dir {out} cannot be created: {tmp_path / 'notes.txt'} is a file")
+    assert (tmp_path / "notes.txt").read_text() == "mine"

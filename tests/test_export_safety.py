@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from export_runs import make_run
+from tiny_models import BROKEN_MODELS
 from qlora_kit.export.cli import main
 from qlora_kit.export.random_model import preset_config, write_random_model, write_random_run
 
@@ -79,6 +80,26 @@ def test_bad_input_is_one_line_and_writes_nothing(run, capsys, tmp_path, make_ar
     code, errors = export(capsys, *make_args(tmp_path, run[1]), "--output_dir", str(out))
     assert code == 2 and len(errors) == 1 and expected in errors[0], errors
     assert not out.exists()
+
+
+@pytest.mark.parametrize("break_model", BROKEN_MODELS)
+def test_a_broken_base_model_folder_is_one_line_and_writes_nothing(run, capsys, tmp_path, break_model):
+    base = tmp_path / "base"
+    expected = break_model(base)
+    before = snapshot(base)
+    out = tmp_path / "merged"
+    code, errors = export(capsys, "--adapter_dir", str(run[1]), "--base_model", str(base), "--output_dir", str(out))
+    assert code == 2 and len(errors) == 1 and expected in errors[0], errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"] and snapshot(base) == before
+
+
+def test_an_output_dir_under_a_file_is_refused_before_writing(run, capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "merged"
+    code, errors = export(capsys, "--adapter_dir", str(run[1]), "--output_dir", str(out))
+    assert code == 2 and len(errors) == 1, errors
+    assert f"--output_dir {out} cannot be created: {tmp_path / 'notes.txt'} is a file" in errors[0]
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_an_adapter_for_another_model_is_refused(capsys, tmp_path):

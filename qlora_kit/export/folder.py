@@ -19,6 +19,7 @@ import psutil
 
 from qlora_kit.errors import UserError
 from qlora_kit.log import notice_once
+from qlora_kit.paths import check_output_parent
 
 PARTIAL = ".partial-"
 DISK_MARGIN = 64 << 20
@@ -37,6 +38,7 @@ def check_output_folder(output: Path, protected: dict[str, Path], overwrite: boo
         folder = folder.resolve()
         if target == folder or target in folder.parents:
             raise UserError(f"--output_dir {output} is the {label} folder or holds it; choose another folder")
+    check_output_parent(output, beside=True)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output_dir {output} is a file; choose a folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
