@@ -155,10 +155,15 @@ def finish_run(run_dir: Path, model) -> None:
     """
     tmp = run_dir / ".tmp-final-adapter"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+        for file in sorted(tmp.iterdir()):
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    except BaseException:  # Ctrl-C, SIGTERM, a full disk: the previous files stay, the half-written ones go
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for file in sorted(tmp.iterdir()):
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
         os.replace(file, run_dir / file.name)
     tmp.rmdir()
     plot_loss(MetricsLog(run_dir / "metrics.jsonl").rows(), run_dir / "loss.png")

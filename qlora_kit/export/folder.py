@@ -2,21 +2,21 @@
 
 The model is written into a hidden sibling folder (`.NAME.partial-PID`) and renamed into place only
 when every file is complete and synced, so a crash, Ctrl-C or SIGTERM never leaves a folder named
-NAME holding a half-written model. A partial folder left by a killed process is removed by the next
-export to the same place.
+NAME holding a half-written model; Ctrl-C and SIGTERM remove the partial folder as they unwind.
+A partial folder left by a killed process is removed by the next export to the same place.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import psutil
 
+from qlora_kit import interrupts
 from qlora_kit.errors import UserError
 from qlora_kit.log import notice_once
 from qlora_kit.paths import check_output_parent
@@ -75,24 +75,6 @@ def _fsync_dir(folder: Path) -> None:
         os.close(descriptor)
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Let SIGTERM unwind like Ctrl-C, so the partial folder is removed."""
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 @contextmanager
 def staged_output(output: Path) -> Iterator[Path]:
     """Yield a hidden sibling folder to write into; on success it replaces `output`, on any failure it goes."""
@@ -100,15 +82,15 @@ def staged_output(output: Path) -> Iterator[Path]:
     _remove_stale_partials(output)
     partial = output.parent / f".{output.name}{PARTIAL}{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
-        with _sigterm_as_interrupt():
+    with interrupts.handled():  # SIGTERM unwinds like Ctrl-C, through the clean-up below
+        try:
+            partial.mkdir()
             yield partial
             _fsync_dir(partial)
             _replace(partial, output)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
 
 
 def _replace(partial: Path, output: Path) -> None:
