@@ -1,5 +1,7 @@
 """The user's folders are safe: refusals before any write, a complete folder or none, room on disk checked first."""
 
+import json
+import logging
 import os
 import shutil
 import signal
@@ -8,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from export_runs import make_run
@@ -126,6 +129,35 @@ def test_a_partial_folder_left_by_a_killed_export_is_removed(run, capsys, tmp_pa
     (stale / "model-00001-of-00002.safetensors").write_bytes(b"half")
     code, _ = export(capsys, "--adapter_dir", str(run[1]), "--output_dir", str(tmp_path / "merged"))
     assert code == 0 and [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+def test_partial_folders_of_dead_exports_are_removed_and_named_and_live_ones_kept(run, capsys, tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os, time; print(os.getpid(), time.time())"],
+                              capture_output=True, text=True)
+    dead_pid, dead_started = finished.stdout.split()
+    me = psutil.Process()
+    folders = {  # name -> (owner pid, its start time): one dead, one whose pid was reused, one alive
+        ".other.partial-1": (int(dead_pid), float(dead_started)),
+        ".merged.partial-2": (me.pid, me.create_time() - 1000),
+        ".busy.partial-3": (me.pid, me.create_time()),
+    }
+    for name, (pid, started) in folders.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x" * 1000)
+        (tmp_path / name / ".owner").write_text(json.dumps({"pid": pid, "started": started}))
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("qlora_kit").addHandler(handler)
+    try:
+        code, _ = export(capsys, "--adapter_dir", str(run[1]), "--output_dir", str(tmp_path / "merged"))
+    finally:
+        logging.getLogger("qlora_kit").removeHandler(handler)
+    assert code == 0 and sorted(p.name for p in tmp_path.iterdir()) == [".busy.partial-3", "merged"]
+    removed = [line for line in said if line.startswith("removed ")]
+    assert removed == [f"removed {tmp_path / name} (0.0 MB), left by an export that was killed"
+                       for name in (".merged.partial-2", ".other.partial-1")]
+    assert not (tmp_path / "merged" / ".owner").exists()
 
 
 def test_the_cli_exits_2_without_a_traceback(tmp_path):
