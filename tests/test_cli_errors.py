@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tiny_models import BROKEN_MODELS
+
 
 def run_recipe(*args, cwd):
     return subprocess.run([sys.executable, "-m", "qlora_kit.recipes.chat", *args],
@@ -121,10 +123,29 @@ def test_a_run_folder_without_checkpoints_is_not_offered_a_resume(tmp_path):
 
 @pytest.mark.parametrize("make_out, expected", [
     (lambda tmp: Path("/proc/qlora_kit_run"), "cannot write to --output_dir /proc/qlora_kit_run"),
-    (lambda tmp: tmp / "a_file" / "run", "cannot write to --output_dir"),
+    (lambda tmp: tmp / "a_file" / "run", "cannot be created"),
 ])
 def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(tmp_path, make_out, expected):
     (tmp_path / "a_file").write_text("not a folder")
     result = run_recipe("--output_dir", str(make_out(tmp_path)), cwd=tmp_path)
     assert_one_line_error(result, expected)
     assert "loading" not in result.stderr.lower() and "disk space" not in result.stderr
+
+
+@pytest.mark.parametrize("break_model", BROKEN_MODELS)
+def test_a_broken_model_folder_is_one_line_before_anything_loads(tmp_path, break_model):
+    model = tmp_path / "model"
+    expected = break_model(model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    out = tmp_path / "out"
+    result = run_recipe("--model_name_or_path", str(model), "--output_dir", str(out), cwd=tmp_path)
+    assert_one_line_error(result, expected)
+    assert not out.exists() and {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+def test_an_output_dir_under_a_file_is_refused_before_the_model_is_looked_at(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "run"
+    result = run_recipe("--model_name_or_path", str(tmp_path / "no-model"), "--output_dir", str(out), cwd=tmp_path)
+    assert_one_line_error(result, f"--output_dir {out} cannot be created: {tmp_path / 'notes.txt'} is a file")
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -1,5 +1,7 @@
 """The user's folders are safe: refusals before any write, a complete folder or none, room on disk checked first."""
 
+import json
+import logging
 import os
 import shutil
 import signal
@@ -8,10 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
 from export_runs import make_run
+from tiny_models import BROKEN_MODELS
 from qlora_kit.export.cli import main
 from qlora_kit.export.random_model import preset_config, write_random_model, write_random_run
 from tiny_models import save_tiny_model
@@ -83,6 +87,26 @@ def test_bad_input_is_one_line_and_writes_nothing(run, capsys, tmp_path, make_ar
     assert not out.exists()
 
 
+@pytest.mark.parametrize("break_model", BROKEN_MODELS)
+def test_a_broken_base_model_folder_is_one_line_and_writes_nothing(run, capsys, tmp_path, break_model):
+    base = tmp_path / "base"
+    expected = break_model(base)
+    before = snapshot(base)
+    out = tmp_path / "merged"
+    code, errors = export(capsys, "--adapter_dir", str(run[1]), "--base_model", str(base), "--output_dir", str(out))
+    assert code == 2 and len(errors) == 1 and expected in errors[0], errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"] and snapshot(base) == before
+
+
+def test_an_output_dir_under_a_file_is_refused_before_writing(run, capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "merged"
+    code, errors = export(capsys, "--adapter_dir", str(run[1]), "--output_dir", str(out))
+    assert code == 2 and len(errors) == 1, errors
+    assert f"--output_dir {out} cannot be created: {tmp_path / 'notes.txt'} is a file" in errors[0]
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_an_adapter_for_another_model_is_refused(capsys, tmp_path):
     _, run_dir, _ = make_run(tmp_path / "llama", "llama")
     other, _, _ = make_run(tmp_path / "gpt2", "gpt2")
@@ -113,6 +137,35 @@ def test_a_partial_folder_left_by_a_killed_export_is_removed(run, capsys, tmp_pa
     assert code == 0 and [p.name for p in tmp_path.iterdir()] == ["merged"]
 
 
+def test_partial_folders_of_dead_exports_are_removed_and_named_and_live_ones_kept(run, capsys, tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os, time; print(os.getpid(), time.time())"],
+                              capture_output=True, text=True)
+    dead_pid, dead_started = finished.stdout.split()
+    me = psutil.Process()
+    folders = {  # name -> (owner pid, its start time): one dead, one whose pid was reused, one alive
+        ".other.partial-1": (int(dead_pid), float(dead_started)),
+        ".merged.partial-2": (me.pid, me.create_time() - 1000),
+        ".busy.partial-3": (me.pid, me.create_time()),
+    }
+    for name, (pid, started) in folders.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x" * 1000)
+        (tmp_path / name / ".owner").write_text(json.dumps({"pid": pid, "started": started}))
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("qlora_kit").addHandler(handler)
+    try:
+        code, _ = export(capsys, "--adapter_dir", str(run[1]), "--output_dir", str(tmp_path / "merged"))
+    finally:
+        logging.getLogger("qlora_kit").removeHandler(handler)
+    assert code == 0 and sorted(p.name for p in tmp_path.iterdir()) == [".busy.partial-3", "merged"]
+    removed = [line for line in said if line.startswith("removed ")]
+    assert removed == [f"removed {tmp_path / name} (0.0 MB), left by an export that was killed"
+                       for name in (".merged.partial-2", ".other.partial-1")]
+    assert not (tmp_path / "merged" / ".owner").exists()
+
+
 def test_the_cli_exits_2_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "tools/export_merged.py"), "--adapter_dir",
                              str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out")],
@@ -130,7 +183,7 @@ def slow_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("sig, earlier_output", [(signal.SIGINT, False), (signal.SIGTERM, True)])
-def test_an_interrupted_export_leaves_no_output_folder(slow_run, tmp_path, sig, earlier_output):
+def test_an_interrupted_export_is_one_line_and_leaves_no_output_folder(slow_run, tmp_path, sig, earlier_output):
     out = tmp_path / "merged"
     if earlier_output:
         out.mkdir()
@@ -143,8 +196,11 @@ def test_an_interrupted_export_leaves_no_output_folder(slow_run, tmp_path, sig, 
         assert child.poll() is None, child.stderr.read().decode()[-2000:]
         time.sleep(0.02)
     os.kill(child.pid, sig)
-    child.wait(timeout=120)
-    assert child.returncode != 0
+    stderr = child.communicate(timeout=120)[1].decode()
+    assert child.returncode == 128 + sig and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.splitlines()[-1] == (f"[qlora_kit] stopped by {signal.Signals(sig).name} while merging the adapter "
+                                       f"into its base model; --output_dir {out} was left as it was; run the same "
+                                       f"command to start again")
     assert [p.name for p in tmp_path.iterdir()] == (["merged"] if earlier_output else [])
     if earlier_output:
         assert snapshot(out) == {Path("config.json"): b"{}"}

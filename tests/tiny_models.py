@@ -1,7 +1,8 @@
-"""Tiny random decoder models of several architectures, built in code, for unit tests."""
+"""Tiny random decoder models of several architectures, built in code, for unit tests; and broken model folders."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -59,3 +60,35 @@ def save_tiny_model(folder: Path, architecture: str = "llama", dtype=torch.bfloa
     model = tiny_model(architecture, seed, **overrides).to(dtype)
     model.save_pretrained(folder)
     return folder
+
+
+# Broken model folders: each writes one into `folder` and returns what the one-line error must say.
+
+def no_weights(folder: Path) -> str:
+    save_tiny_model(folder)
+    (folder / "model.safetensors").unlink()
+    return "has config.json but no weights"
+
+
+def config_not_json(folder: Path) -> str:
+    save_tiny_model(folder)
+    (folder / "config.json").write_text('{"model_type": "llama",\n  "hidden_size": 64,,\n}')
+    return "config.json is not valid JSON (line 2"
+
+
+def truncated_weights(folder: Path) -> str:
+    save_tiny_model(folder)
+    weights = folder / "model.safetensors"
+    size = weights.stat().st_size
+    os.truncate(weights, size - 1000)
+    return f"model.safetensors is truncated ({size - 1000:,} bytes, its header says {size:,})"
+
+
+def missing_shard(folder: Path) -> str:
+    tiny_model().to(torch.bfloat16).save_pretrained(folder, max_shard_size="100KB")
+    shards = sorted(folder.glob("model-*.safetensors"))
+    shards[-1].unlink()
+    return f"lacks {shards[-1].name}, named by model.safetensors.index.json (1 of {len(shards)} weight files missing)"
+
+
+BROKEN_MODELS = [no_weights, config_not_json, truncated_weights, missing_shard]

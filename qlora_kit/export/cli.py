@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+from qlora_kit import interrupts
 from qlora_kit.config import ExportArguments, _help, _Parser
 from qlora_kit.errors import exit_on_user_error
 from qlora_kit.export.merge import MergeOptions, MergeResult, choose_device, export_merged, settings_for
@@ -84,4 +85,6 @@ def export_run(run_dir: Path, args: ExportArguments) -> MergeResult:
 def main(argv: Optional[list[str]] = None) -> MergeResult:
     setup_logging()
     args = parse(sys.argv[1:] if argv is None else argv)
+    interrupts.stage("merging the adapter into its base model", f"--output_dir {args.output_dir} was left as it "
+                     f"was; run the same command to start again")
     return merge_and_verify(options_from(args), args.verify)

@@ -2,25 +2,30 @@
 
 The model is written into a hidden sibling folder (`.NAME.partial-PID`) and renamed into place only
 when every file is complete and synced, so a crash, Ctrl-C or SIGTERM never leaves a folder named
-NAME holding a half-written model. A partial folder left by a killed process is removed by the next
-export to the same place.
+NAME holding a half-written model; Ctrl-C and SIGTERM remove the partial folder as they unwind.
+The folder records its owner (`.owner`: pid and process start time, so a reused pid is not taken
+for it); a partial folder whose owner is gone (`kill -9`, a power cut) is removed, and named, by
+the next export into the same parent folder, whatever its name.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import signal
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import psutil
 
+from qlora_kit import interrupts
 from qlora_kit.errors import UserError
-from qlora_kit.log import notice_once
+from qlora_kit.log import logger
+from qlora_kit.paths import check_output_parent
 
 PARTIAL = ".partial-"
+OWNER_FILE = ".owner"
 DISK_MARGIN = 64 << 20
 
 
@@ -37,6 +42,7 @@ def check_output_folder(output: Path, protected: dict[str, Path], overwrite: boo
         folder = folder.resolve()
         if target == folder or target in folder.parents:
             raise UserError(f"--output_dir {output} is the {label} folder or holds it; choose another folder")
+    check_output_parent(output, beside=True)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output_dir {output} is a file; choose a folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -55,12 +61,51 @@ def check_free_space(output: Path, needed: int) -> None:
                         f"free some space or choose another --output_dir")
 
 
-def _remove_stale_partials(output: Path) -> None:
-    for folder in output.parent.glob(f".{output.name}{PARTIAL}*"):
-        pid = folder.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not psutil.pid_exists(int(pid)):
-            notice_once(f"removing {folder}, left by an export that was killed")
+def _process_start(pid: int) -> Optional[float]:
+    """The start time of process `pid`, or None when there is no such process."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.Error:  # exists but is not ours to inspect: alive
+        return -1.0
+
+
+def _write_owner(folder: Path) -> None:
+    owner = {"pid": os.getpid(), "started": psutil.Process().create_time()}
+    (folder / OWNER_FILE).write_text(json.dumps(owner) + "\n")
+
+
+def _owner_alive(folder: Path) -> bool:
+    """Whether the process that is writing `folder` still runs (the pid in its name when it has no .owner)."""
+    try:
+        owner = json.loads((folder / OWNER_FILE).read_text())
+        pid, started = int(owner["pid"]), float(owner["started"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pid_text = folder.name.rsplit("-", 1)[-1]
+        if not pid_text.isdigit():
+            return True  # not one of ours, or unreadable: leave it
+        pid, started = int(pid_text), None
+    running_since = _process_start(pid)
+    if running_since is None:
+        return False
+    return started is None or running_since < 0 or abs(running_since - started) < 1.0
+
+
+def remove_stale_partials(parent: Path) -> list[Path]:
+    """Remove the partial folders in `parent` whose exporting process is gone; say and return which.
+
+    Args:
+        parent: the folder an export is about to write into.
+    """
+    removed = []
+    for folder in sorted(parent.glob(f".*{PARTIAL}*")):
+        if folder.is_dir() and not folder.is_symlink() and not _owner_alive(folder):
+            size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
             shutil.rmtree(folder, ignore_errors=True)
+            logger.info(f"removed {folder} ({size / 1e6:.1f} MB), left by an export that was killed")
+            removed.append(folder)
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -73,40 +118,24 @@ def _fsync_dir(folder: Path) -> None:
         os.close(descriptor)
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Let SIGTERM unwind like Ctrl-C, so the partial folder is removed."""
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 @contextmanager
 def staged_output(output: Path) -> Iterator[Path]:
     """Yield a hidden sibling folder to write into; on success it replaces `output`, on any failure it goes."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(output)
+    remove_stale_partials(output.parent)
     partial = output.parent / f".{output.name}{PARTIAL}{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
-        with _sigterm_as_interrupt():
+    with interrupts.handled():  # SIGTERM unwinds like Ctrl-C, through the clean-up below
+        try:
+            partial.mkdir()
+            _write_owner(partial)
             yield partial
+            (partial / OWNER_FILE).unlink()
             _fsync_dir(partial)
             _replace(partial, output)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
 
 
 def _replace(partial: Path, output: Path) -> None:

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from transformers import set_seed
 
 import qlora_kit
+from qlora_kit import interrupts
 from qlora_kit.config import RunConfig, parse, write_run_config
 from qlora_kit.data.dataset import build_datasets
 from qlora_kit.errors import exit_on_user_error
@@ -49,6 +50,7 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
     """Parse the command line (no arguments: the demo preset) and run the recipe."""
     setup_logging()
     argv = sys.argv[1:] if argv is None else argv
+    interrupts.stage("reading the configuration")
     if not argv and DEMO_PRESET.is_file():
         logger.info(f"no arguments: running the built-in demo ({DEMO_PRESET.name})")
         argv = ["--config", str(DEMO_PRESET)]
@@ -63,8 +65,10 @@ def run(config: RunConfig) -> RunResult:
     # Setup: every check a user's input can fail comes before anything is written.
     run_dir = Path(config.train.output_dir)
     resume_dir = check_output_dir(run_dir, config.train)
+    interrupts.stage("finding the model")
     model_dir = resolve_model(config.model.model_name_or_path)
     tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
+    interrupts.stage("reading and tokenizing the data")
     train_data, eval_data, data_report = build_datasets(config.data, tokenizer, config.train.seed)
     logger.info(data_report.line())
     identity = run_identity(model_dir, train_data, tokenizer.pad_token_id)  # what a resume must not change
@@ -74,6 +78,7 @@ def run(config: RunConfig) -> RunResult:
     compute_dtype = choose_compute_dtype(config.model.bnb_4bit_compute_dtype, accelerator.device)
     lora_dtype = choose_lora_dtype(config.lora.lora_dtype, compute_dtype)
     log_dtype_choice(compute_dtype, lora_dtype)
+    interrupts.stage("loading the model")
     plan = plan_for_run(config, model_dir, accelerator.device, compute_dtype, lora_dtype)  # None: no GPU, or --gpu_memory none
     stream = stream_arguments(config.stream, plan)
     model = load_model(model_dir, config.model, stream, compute_dtype, accelerator.device)
@@ -88,6 +93,8 @@ def run(config: RunConfig) -> RunResult:
     check_checkpoint_space(run_dir, model, config.train.optim)
 
     # The output folder: the resolved configuration and the tokenizer first.
+    again = "run the same command again" + ("" if resume_dir else " with --overwrite_output_dir true")
+    interrupts.stage("writing the run folder", again)
     prepare_output_dir(run_dir, resuming=resume_dir is not None, keep=data_paths(config.data))
     write_run_config(config, run_dir / "run_config.yaml", resolved={
         "base_model_dir": str(model_dir),
@@ -104,11 +111,16 @@ def run(config: RunConfig) -> RunResult:
     tokenizer.save_pretrained(run_dir)
 
     # Train, then save the adapter and the loss plot.
+    interrupts.stage("starting training", again)
     state = train(model, train_data, eval_data, config.train, accelerator, run_dir,
                   pad_id=tokenizer.pad_token_id, resume_dir=resume_dir, step_driver=step_driver)
     if accelerator.is_main_process:
+        interrupts.stage("saving the adapter", f"the newest checkpoint in {run_dir / 'checkpoints'} holds the "
+                         f"trained adapter: run the same command with --resume_from_checkpoint latest to save it")
         finish_run(run_dir, accelerator.unwrap_model(model))
         if config.export.export_merged:
+            interrupts.stage("exporting the merged model", f"the adapter in {run_dir} is complete: export it with "
+                             f"python tools/export_merged.py --adapter_dir {run_dir} --output_dir {run_dir / 'merged'}")
             export_run(run_dir, config.export)
     logger.info(f"done: {state.step} steps, {state.trained_tokens:,} trained tokens; adapter and metrics in {run_dir}")
     return RunResult(run_dir, model, state)
