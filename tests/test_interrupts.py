@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from qlora_kit.output import finish_run
 
@@ -94,7 +95,11 @@ def test_a_user_error_is_still_exit_2():
 def test_an_interrupted_final_save_leaves_the_previous_adapter_and_no_temporary_folder(tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes(b"previous")
 
-    class Model:
+    class Model(torch.nn.Module):  # finite weights, whose save is interrupted halfway
+        def __init__(self):
+            super().__init__()
+            self.lora_A = torch.nn.Parameter(torch.zeros(2, 2))
+
         def save_pretrained(self, folder):
             Path(folder).mkdir()
             (Path(folder) / "adapter_model.safetensors").write_bytes(b"half")
