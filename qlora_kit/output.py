@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -28,7 +27,7 @@ from qlora_kit.data.load import parse_sources
 from qlora_kit.errors import UserError
 from qlora_kit.fingerprint import compare, model_fingerprint
 from qlora_kit.log import logger, notice_once
-from qlora_kit.paths import check_output_parent
+from qlora_kit.paths import check_output_parent, check_writable
 from qlora_kit.train.checkpoint import list_checkpoints, resolve_resume_dir
 from qlora_kit.train.guard import refuse_nonfinite_weights
 from qlora_kit.train.metrics import MetricsLog, plot_loss
@@ -90,25 +89,6 @@ def _what_to_do_with(run_dir: Path) -> str:
                 f"from {checkpoints[-1].name}, or choose another folder")
     return ("it has no checkpoint to resume from: pass --overwrite_output_dir true to start over (only the run's "
             "own files are removed), or choose another folder")
-
-
-def check_writable(run_dir: Path) -> None:
-    """Refuse an output folder that cannot be created or written, by creating (and removing) an empty file.
-
-    Raises:
-        UserError: "cannot write to RUN_DIR (reason)".
-    """
-    existing = run_dir.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".qlora_kit-write-test-", dir=existing)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as error:
-        where = "" if existing == run_dir.absolute() else f" ({existing} {error.strerror.lower()})"
-        reason = error.strerror.lower() if not where else "it cannot be created"
-        raise UserError(f"cannot write to --output_dir {run_dir}: {reason}{where}; choose another folder") from None
 
 
 def data_fingerprint(dataset: Dataset, pad_id: int) -> str:

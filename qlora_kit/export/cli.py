@@ -64,8 +64,9 @@ def options_from(args: MergeArguments) -> MergeOptions:
 
 def merge_and_verify(options: MergeOptions, verify: bool) -> MergeResult:
     """Export, then (if asked) compare the merged model with the adapter model."""
-    settings = settings_for(options, verify=True) if verify else None  # refusals come before anything is written
-    result = export_merged(options)
+    # With --verify its refusals come before anything is written; resolved once, as it fingerprints the base.
+    settings = settings_for(options, verify=True) if verify else None
+    result = export_merged(options, settings)
     if settings is not None:
         from qlora_kit.export.verify import verify_merge  # imports peft: only when asked
 

@@ -258,15 +258,19 @@ def settings_for(options: MergeOptions, verify: bool) -> RunSettings:
                         options.allow_other_base, quantization_needed=verify or options.merge_base == "nf4")
 
 
-def export_merged(options: MergeOptions) -> MergeResult:
+def export_merged(options: MergeOptions, settings: Optional[RunSettings] = None) -> MergeResult:
     """Merge the adapter in `options.adapter_dir` into its base and write `options.output_dir`.
 
     Every check a user's input can fail (folders, names, shapes, disk space) runs before the first
     byte is written, and nothing named `output_dir` exists until the model is complete.
+
+    Args:
+        options: what to merge, and how.
+        settings: the run's settings when the caller resolved them already (`settings_for`).
     """
     started = time.perf_counter()
     adapter = LoraAdapter(options.adapter_dir)
-    settings = settings_for(options, verify=False)
+    settings = settings or settings_for(options, verify=False)
     device = choose_device(options.device)
     check_output_folder(options.output_dir, {"base model": settings.base_dir, "adapter": options.adapter_dir},
                         options.overwrite)
