@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 logger = logging.getLogger("qlora_kit")
 _said: set[str] = set()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is when a message is logged (a redirected or captured stderr too)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler sets it; the current sys.stderr is always used
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Send qlora_kit's messages to stderr as plain lines; quieten the libraries' chatter."""
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[qlora_kit] %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
@@ -33,3 +46,8 @@ def notice_once(message: str) -> None:
     if message not in _said:
         _said.add(message)
         logger.info(message)
+
+
+def forget_notices() -> None:
+    """Say every notice again from now on (a second command run in the same process)."""
+    _said.clear()

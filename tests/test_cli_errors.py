@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from cli import run_main
 from tiny_models import BROKEN_MODELS
+from qlora_kit.recipes.chat import main
 
 
-def run_recipe(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "qlora_kit.recipes.chat", *args],
-                          capture_output=True, text=True, cwd=cwd, timeout=300)
+@pytest.fixture
+def run_recipe(capsys):
+    """The recipe's command line, run in this process."""
+    return lambda *args, cwd: run_main(main, capsys, *args, cwd=cwd)
 
 
 def assert_one_line_error(result, expected):
@@ -32,14 +35,14 @@ def assert_one_line_error(result, expected):
     (lambda tmp: ["--learning_rate", "-1e-4"], "--learning_rate must be in (0, 1]"),
     (lambda tmp: ["--eval_fraction", "0.99"], "--eval_fraction must be in [0, 0.5]"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, make_args, expected):
+def test_bad_input_is_one_line_and_writes_nothing(run_recipe, tmp_path, make_args, expected):
     out = tmp_path / "out"
     result = run_recipe(*make_args(tmp_path), "--output_dir", str(out), cwd=tmp_path)
     assert_one_line_error(result, expected)
     assert not out.exists()
 
 
-def test_a_gguf_model_file_is_called_a_file(tmp_path):
+def test_a_gguf_model_file_is_called_a_file(run_recipe, tmp_path):
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
     result = run_recipe("--model_name_or_path", str(tmp_path / "model.gguf"), "--output_dir", str(tmp_path / "out"),
                         cwd=tmp_path)
@@ -47,14 +50,14 @@ def test_a_gguf_model_file_is_called_a_file(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_yaml_field(tmp_path):
+def test_unknown_yaml_field(run_recipe, tmp_path):
     (tmp_path / "run.yaml").write_text("learning_rate: 1.0e-4\nbatch_size: 4\n")
     result = run_recipe("--config", str(tmp_path / "run.yaml"), "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
     assert_one_line_error(result, "unknown field(s) in")
     assert "batch_size" in result.stderr and not (tmp_path / "out").exists()
 
 
-def test_output_folder_with_an_earlier_run_is_refused_and_left_alone(tmp_path):
+def test_output_folder_with_an_earlier_run_is_refused_and_left_alone(run_recipe, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "run_config.yaml").write_text("lora_r: 8\n")
@@ -66,7 +69,7 @@ def test_output_folder_with_an_earlier_run_is_refused_and_left_alone(tmp_path):
     assert (out / "adapter_model.safetensors").read_bytes() == b"precious"
 
 
-def test_missing_dataset(tmp_path, demo_model_dir):
+def test_missing_dataset(run_recipe, tmp_path, demo_model_dir):
     out = tmp_path / "out"
     result = run_recipe("--dataset_name", str(tmp_path / "chats.jsonl"), "--output_dir", str(out), cwd=tmp_path)
     assert_one_line_error(result, "does not exist")
@@ -97,7 +100,7 @@ def earlier_run(out):
     return data
 
 
-def test_overwrite_removes_only_the_runs_own_files(tmp_path, demo_model_dir):
+def test_overwrite_removes_only_the_runs_own_files(run_recipe, tmp_path, demo_model_dir):
     out = tmp_path / "out"
     data = earlier_run(out)
     result = run_recipe("--dataset_name", str(data), "--output_dir", str(out), "--overwrite_output_dir", "true",
@@ -112,7 +115,7 @@ def test_overwrite_removes_only_the_runs_own_files(tmp_path, demo_model_dir):
     assert "kept what the run did not write: data/ (the run's data), notes.txt, samples/" in result.stderr
 
 
-def test_a_run_folder_without_checkpoints_is_not_offered_a_resume(tmp_path):
+def test_a_run_folder_without_checkpoints_is_not_offered_a_resume(run_recipe, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "run_config.yaml").write_text("lora_r: 8\n")  # as a run killed (twice Ctrl-C) before its first checkpoint
@@ -125,7 +128,7 @@ def test_a_run_folder_without_checkpoints_is_not_offered_a_resume(tmp_path):
     (lambda tmp: Path("/proc/qlora_kit_run"), "cannot write to --output_dir /proc/qlora_kit_run"),
     (lambda tmp: tmp / "a_file" / "run", "cannot be created"),
 ])
-def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(tmp_path, make_out, expected):
+def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(run_recipe, tmp_path, make_out, expected):
     (tmp_path / "a_file").write_text("not a folder")
     result = run_recipe("--output_dir", str(make_out(tmp_path)), cwd=tmp_path)
     assert_one_line_error(result, expected)
@@ -133,7 +136,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(tmp_p
 
 
 @pytest.mark.parametrize("break_model", BROKEN_MODELS)
-def test_a_broken_model_folder_is_one_line_before_anything_loads(tmp_path, break_model):
+def test_a_broken_model_folder_is_one_line_before_anything_loads(run_recipe, tmp_path, break_model):
     model = tmp_path / "model"
     expected = break_model(model)
     before = {p.name: p.read_bytes() for p in model.iterdir()}
@@ -143,9 +146,17 @@ def test_a_broken_model_folder_is_one_line_before_anything_loads(tmp_path, break
     assert not out.exists() and {p.name: p.read_bytes() for p in model.iterdir()} == before
 
 
-def test_an_output_dir_under_a_file_is_refused_before_the_model_is_looked_at(tmp_path):
+def test_an_output_dir_under_a_file_is_refused_before_the_model_is_looked_at(run_recipe, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     out = tmp_path / "notes.txt" / "run"
     result = run_recipe("--model_name_or_path", str(tmp_path / "no-model"), "--output_dir", str(out), cwd=tmp_path)
     assert_one_line_error(result, f"--output_dir {out} cannot be created: {tmp_path / 'notes.txt'} is a file")
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_the_real_command_line_exits_2_with_one_line(tmp_path):
+    """The tests above call main() in-process; this one starts `python -m qlora_kit.recipes.chat` itself."""
+    result = subprocess.run([sys.executable, "-m", "qlora_kit.recipes.chat", "--learning_rate", "inf", "--output_dir",
+                             str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert_one_line_error(result, "--learning_rate must be a finite number, got inf")
+    assert not (tmp_path / "out").exists()

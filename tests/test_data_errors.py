@@ -7,9 +7,11 @@ import sys
 import pytest
 from datasets import Dataset
 
+from cli import run_main
 from qlora_kit.config import DataArguments
 from qlora_kit.data.dataset import build_datasets
 from qlora_kit.errors import UserError
+from qlora_kit.recipes.chat import main as recipe_main
 
 GOOD = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
 
@@ -173,11 +175,11 @@ def test_one_long_conversation_with_the_drop_policy_is_dropped_and_counted(demo_
 
 # --- the command line: one line on stderr, exit code 2, nothing written ---------------------------
 
-def test_the_recipe_reports_bad_data_in_one_line(tmp_path, demo_model_dir):
+def test_the_recipe_reports_bad_data_in_one_line(tmp_path, demo_model_dir, capsys):
     bad = json.dumps({"messages": [{"role": "bot", "content": "x"}]})
     path, out = write_lines(tmp_path / "c.jsonl", good_lines(2) + [bad]), tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "qlora_kit.recipes.chat", "--dataset_name", str(path), "--strict",
-                             "true", "--output_dir", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    result = run_main(recipe_main, capsys, "--dataset_name", str(path), "--strict", "true", "--output_dir", str(out),
+                      cwd=tmp_path)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1 and "record 3: unknown role 'bot'" in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not out.exists()

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from qlora_kit.errors import UserError
+from cli import run_main
+from qlora_kit.errors import UserError, exit_on_user_error
+from qlora_kit.memory.apply import plan_command
 from qlora_kit.memory import activations as act
 from qlora_kit.memory.budget import (RunSettings, adapted_linears, lora_tensor_numels, nf4_bytes,
                                      optimizer_state_bytes, weight_bytes)
@@ -145,7 +147,7 @@ def test_memory_sizes():
         parse_memory_size("24")
 
 
-def test_plan_memory_tool_prints_json_and_exits_by_fit():
+def test_plan_memory_tool_prints_json_and_exits_by_fit(capsys):
     command = [sys.executable, "tools/plan_memory.py", "--model", "llama-3.1-70b", "--gpu_memory", "24GiB",
                "--host_memory", "128GiB", "--max_seq_length", "4096", "--per_device_train_batch_size", "1", "--json"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -153,8 +155,7 @@ def test_plan_memory_tool_prints_json_and_exits_by_fit():
     plan = json.loads(result.stdout)
     assert plan["fits"] and plan["streamed_layers"] > 0 and plan["model"] == "llama-3.1-70b"
     assert {"resident_layers", "layers_in_flight", "loss_chunk_size", "host_ram_bytes", "rows"} <= set(plan)
-    too_small = subprocess.run(command[:5] + ["2GiB"] + command[6:-1], capture_output=True, text=True, cwd=ROOT,
-                               timeout=300)
+    too_small = run_main(exit_on_user_error(plan_command), capsys, *command[2:5], "2GiB", *command[6:-1])  # in-process
     assert too_small.returncode == 1 and "does not fit" in too_small.stdout
 
 

@@ -2,28 +2,27 @@
 and applies the plan's loss chunk size and activation offload."""
 
 import logging
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from cli import run_main
 from qlora_kit.config import parse
 from qlora_kit.errors import UserError
 from qlora_kit.log import logger
 from qlora_kit.memory.apply import apply_memory_settings, plan_for_config, plan_for_run
 from qlora_kit.memory.plan import GiB
+from qlora_kit.recipes.chat import main
 from qlora_kit.train.loss import LOSS_CHUNK_ATTRIBUTE
 from tiny_models import save_tiny_model
 
 CPU = torch.device("cpu")
 
 
-def test_recipe_refuses_a_run_that_cannot_fit(tmp_path, demo_model_dir):
+def test_recipe_refuses_a_run_that_cannot_fit(tmp_path, demo_model_dir, capsys):
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "qlora_kit.recipes.chat", "--gpu_memory", "2GiB",
-                             "--max_seq_length", "4096", "--output_dir", str(out)],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    result = run_main(main, capsys, "--gpu_memory", "2GiB", "--max_seq_length", "4096", "--output_dir", str(out),
+                      cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "8 x 4096 tokens does not fit" in errors[0] and "GPU memory" in errors[0]

@@ -2,8 +2,6 @@
 
 import dataclasses
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,12 +10,13 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from cli import run_main
 from qlora_kit.config import LoraArguments, TrainArguments, parse
 from qlora_kit.data.dataset import build_datasets
 from qlora_kit.errors import UserError
 from qlora_kit.fingerprint import config_fingerprint
 from qlora_kit.output import check_resume, resume_differences, run_identity
-from qlora_kit.recipes.chat import run
+from qlora_kit.recipes.chat import main, run
 from qlora_kit.train.metrics import MetricsLog
 from qlora_kit.train.resilience import check_exact_resume, synthetic_dataset, train_once, write_random_llama
 
@@ -180,11 +179,10 @@ def test_a_checkpoint_that_recorded_config_json_only_resumes_with_a_notice(strai
         check_resume(old, config, identity)
 
 
-def test_the_command_line_refuses_a_base_with_other_weights_and_writes_nothing(straight_run, other_weights):
+def test_the_command_line_refuses_a_base_with_other_weights_and_writes_nothing(straight_run, other_weights, capsys):
     before = {p: p.read_bytes() for p in straight_run.rglob("*") if p.is_file()}
-    result = subprocess.run([sys.executable, "-m", "qlora_kit.recipes.chat", *DEMO_FLAGS, "--output_dir",
-                             str(straight_run), "--resume_from_checkpoint", "latest", "--model_name_or_path",
-                             str(other_weights)], capture_output=True, text=True, timeout=600)
+    result = run_main(main, capsys, *DEMO_FLAGS, "--output_dir", str(straight_run), "--resume_from_checkpoint", "latest",
+                      "--model_name_or_path", str(other_weights))
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "cannot resume from" in errors[0] and "the base model differs" in errors[0], errors
@@ -198,11 +196,10 @@ def _one_row():
     return Dataset.from_list([{"input_ids": [1, 2], "labels": [1, 2]}])
 
 
-def test_the_command_line_refuses_and_writes_nothing(straight_run):
+def test_the_command_line_refuses_and_writes_nothing(straight_run, capsys):
     before = {p: p.read_bytes() for p in straight_run.rglob("*") if p.is_file()}
-    result = subprocess.run([sys.executable, "-m", "qlora_kit.recipes.chat", *DEMO_FLAGS, "--output_dir",
-                             str(straight_run), "--resume_from_checkpoint", "latest", "--lora_r", "16"],
-                            capture_output=True, text=True, timeout=600)
+    result = run_main(main, capsys, *DEMO_FLAGS, "--output_dir", str(straight_run), "--resume_from_checkpoint", "latest",
+                      "--lora_r", "16")
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "cannot resume from" in errors[0] and "lora_r 8 -> 16" in errors[0]
