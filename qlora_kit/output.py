@@ -101,16 +101,18 @@ def data_fingerprint(dataset: Dataset, pad_id: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_identity(model_dir: Path, train_dataset: Dataset, pad_id: int) -> dict[str, str]:
-    """What a checkpoint's tensors depend on beyond the fields: the base model and the training tokens."""
-    return {"model_fingerprint": model_fingerprint(model_dir), "data_fingerprint": data_fingerprint(train_dataset, pad_id)}
+def run_identity(model_dir: Path, train_dataset: Dataset, pad_id: int, num_processes: int = 1) -> dict[str, Any]:
+    """What a checkpoint's tensors depend on beyond the fields: the base model, the training tokens, and the
+    number of data-parallel processes (the global batch, and the RNG states saved, one per process)."""
+    return {"model_fingerprint": model_fingerprint(model_dir), "data_fingerprint": data_fingerprint(train_dataset, pad_id),
+            "num_processes": num_processes}
 
 
 def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def _base_model_change(resolved: dict[str, Any], identity: dict[str, str], model_now: str) -> Optional[str]:
+def _base_model_change(resolved: dict[str, Any], identity: dict[str, Any], model_now: str) -> Optional[str]:
     """Why the base model is not the checkpoint's, in words; None when it is (or cannot be told apart)."""
     recorded = resolved.get("model_fingerprint")
     found = compare(str(recorded), identity["model_fingerprint"]) if recorded else "same"
@@ -122,7 +124,7 @@ def _base_model_change(resolved: dict[str, Any], identity: dict[str, str], model
     return None
 
 
-def resume_differences(saved: dict[str, Any], config: RunConfig, identity: dict[str, str]) -> tuple[list[str], list[str]]:
+def resume_differences(saved: dict[str, Any], config: RunConfig, identity: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(refused, allowed): descriptions of what differs between a checkpoint's run_config.yaml and this run."""
     now = config.to_dict()
     changed = {k: (saved[k], now[k]) for k in now if k in saved and k not in NOT_COMPARED and saved[k] != now[k]}
@@ -133,6 +135,10 @@ def resume_differences(saved: dict[str, Any], config: RunConfig, identity: dict[
     if base_change:
         refused.append(base_change)
         shown.pop("model_name_or_path", None)
+    processes_then, processes_now = resolved.get("num_processes", 1), identity.get("num_processes", 1)
+    if processes_then != processes_now:
+        refused.append(f"the number of processes {processes_then} -> {processes_now} (the global batch and each "
+                       f"process's share of the data would differ; resume with {processes_then})")
     data_differs = resolved.get("data_fingerprint") not in (None, identity["data_fingerprint"])
     if data_differs:
         causes = [shown.pop(k) for k in DATA_FIELDS if k in shown and k not in FIXED_FIELDS]
@@ -146,7 +152,7 @@ def resume_differences(saved: dict[str, Any], config: RunConfig, identity: dict[
     return refused, allowed
 
 
-def check_resume(resume_dir: Path, config: RunConfig, identity: dict[str, str]) -> None:
+def check_resume(resume_dir: Path, config: RunConfig, identity: dict[str, Any]) -> None:
     """Refuse to resume when the model, LoRA shape, data or data order differ from the checkpoint's run.
 
     Raises:

@@ -1,7 +1,9 @@
 """The order of examples in each epoch, padding a batch into tensors, and what the model is given.
 
 The batches of epoch e come from a generator seeded with (seed, e), so a resumed run finds the
-same batches from the epoch and batch index alone. Batches are grouped by length: the shuffled
+same batches from the epoch and batch index alone. With several processes (data parallel), a batch
+holds the examples of all of them and `process_share` deals it out, so the batches, and the run,
+are those of one process with a batch as large. Batches are grouped by length: the shuffled
 examples are cut into windows of `GROUP_WINDOW` batches, each window sorted by length, so a batch
 holds examples of similar length and little padding; the batches are then shuffled again.
 
@@ -38,6 +40,18 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) ->
     batches = [grouped[i : i + batch_size] for i in range(0, len(grouped), batch_size)]
     shuffle = torch.randperm(len(batches), generator=generator).tolist()
     return [batches[i] for i in shuffle]
+
+
+def process_share(batch: list[int], rank: int, num_processes: int) -> tuple[list[int], bool]:
+    """This process's examples of a batch shared by `num_processes`, dealt out in turn.
+
+    The batch is sorted by length (see `epoch_batches`), so dealing gives every process examples of
+    similar length. A process left without one (the short last batch of an epoch) gets the batch's
+    first example as a filler, marked True, to be trained on no token: every process must run a
+    forward and backward for the gradients to be synchronised.
+    """
+    share = batch[rank::num_processes]
+    return (share, False) if share else (batch[:1], True)
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

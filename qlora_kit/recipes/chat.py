@@ -71,7 +71,7 @@ def run(config: RunConfig) -> RunResult:
     interrupts.stage("reading and tokenizing the data")
     train_data, eval_data, data_report = build_datasets(config.data, tokenizer, config.train.seed)
     logger.info(data_report.line())
-    identity = run_identity(model_dir, train_data, tokenizer.pad_token_id)  # what a resume must not change
+    identity = run_identity(model_dir, train_data, tokenizer.pad_token_id, accelerator.num_processes)  # what a resume must not change
     if resume_dir is not None:
         check_resume(resume_dir, config, identity)
 
@@ -101,7 +101,7 @@ def run(config: RunConfig) -> RunResult:
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "lora_dtype": str(lora_dtype).removeprefix("torch."),
         "quantization": {"quant_type": "nf4", "double_quant": config.model.bnb_4bit_use_double_quant},
-        "total_steps": total_optimizer_steps(len(train_data), config.train),
+        "total_steps": total_optimizer_steps(len(train_data), config.train, accelerator.num_processes),
         "device": str(accelerator.device),
         "memory_plan": plan and {k: v for k, v in plan.to_dict().items() if k != "rows"},
         "data": vars(data_report),

@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 
 from qlora_kit.errors import UserError
 from qlora_kit.log import logger, notice_once
-from qlora_kit.train.state_io import load_optimizer, load_rng_state, save_optimizer, save_rng_state
+from qlora_kit.train.state_io import RngState, load_optimizer, load_rng_state, save_optimizer, save_rng_state
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -223,8 +223,11 @@ def _block_here_for_tests(step: int, tmp: Path) -> None:
             time.sleep(1)
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainState) -> Path:
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainState,
+                    rng_states: Optional[list[RngState]] = None) -> Path:
     """Write checkpoints/step-N atomically and return its path.
+
+    `rng_states`: the generator states of every process of a data-parallel run, by rank (else this one's).
 
     Raises:
         UserError: a write failed (disk full, quota, I/O error); the temporary folder is removed and
@@ -241,7 +244,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainStat
         save_optimizer(optimizer, tmp)
         _block_here_for_tests(state.step, tmp)
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-        save_rng_state(tmp)
+        save_rng_state(tmp, rng_states)
         (tmp / STATE_FILE).write_text(state.to_json())
         for name in COPIED_FILES:
             if (run_dir / name).is_file():
@@ -346,8 +349,9 @@ def check_adapter_fits(folder: Path, model, adapter: dict[str, torch.Tensor]) ->
         )
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore adapter weights, optimizer, scheduler and RNG from a validated checkpoint; return its TrainState.
+def load_checkpoint(folder: Path, model, optimizer, scheduler, rank: int = 0) -> TrainState:
+    """Restore adapter weights, optimizer, scheduler and process `rank`'s RNG from a validated checkpoint; return
+    its TrainState.
 
     Call it last before the first step: the RNG states it restores are the ones the next step must see.
     """
@@ -356,7 +360,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> TrainState:
     set_peft_model_state_dict(model, adapter)
     load_optimizer(optimizer, folder)
     scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
-    load_rng_state(folder)
+    load_rng_state(folder, rank)
     return TrainState.from_json((folder / STATE_FILE).read_text())
 
 
@@ -404,15 +408,19 @@ def set_aside_later_checkpoints(run_dir: Path, step: int) -> list[Path]:
     return moved
 
 
-def resume_training(folder: Path, run_dir: Path, model, optimizer, scheduler, args) -> TrainState:
+def resume_training(folder: Path, run_dir: Path, model, optimizer, scheduler, args, accelerator=None) -> TrainState:
     """Continue from a validated checkpoint: later checkpoints set aside, metrics.jsonl put back, every state restored.
 
-    `args` (TrainArguments) gives the learning rate and weight decay that apply from here on.
+    `args` (TrainArguments) gives the learning rate and weight decay that apply from here on. With an
+    `accelerator` of several processes, the first changes the run folder and each restores its own RNG.
     """
     step = TrainState.from_json((folder / STATE_FILE).read_text()).step
-    set_aside_later_checkpoints(run_dir, step)
-    restore_run_files(folder, run_dir)
-    state = load_checkpoint(folder, model, optimizer, scheduler)
+    if accelerator is None or accelerator.is_main_process:
+        set_aside_later_checkpoints(run_dir, step)
+        restore_run_files(folder, run_dir)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    state = load_checkpoint(folder, model, optimizer, scheduler, accelerator.process_index if accelerator else 0)
     apply_current_settings(optimizer, scheduler, args.learning_rate, args.weight_decay)
     logger.info(f"resumed from {folder} at step {state.step}")
     return state

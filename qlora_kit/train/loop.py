@@ -8,7 +8,14 @@ non-finite guard (train/guard.py) decides on the device too.
 
 The run can stop at any step boundary and continue exactly: checkpoints (train/checkpoint.py)
 hold everything the next step depends on, and SIGINT/SIGTERM (train/stop.py) end the run with
-one. A signal stop is not synchronised across processes: with several GPUs, stop them all.
+one.
+
+Data parallel (`accelerate launch --num_processes N`): each process trains on its share of every
+batch (data/batches.py), the step's trained tokens are counted over all of them, and one process
+writes the metrics and the checkpoints: the run is that of one process with a batch N times as
+large. A signal to any process stops them all after the same step (the processes compare notes
+every step, the one wait on the device they add), with one checkpoint that holds every process's
+RNG state.
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from datasets import Dataset
 from tqdm.auto import tqdm
 
 from qlora_kit.config import TrainArguments
-from qlora_kit.data.batches import collate, epoch_batches
+from qlora_kit.data.batches import collate, epoch_batches, process_share
+from qlora_kit.data.tokenize import IGNORE_INDEX
 from qlora_kit.errors import UserError
 from qlora_kit.log import logger
 from qlora_kit.train.checkpoint import (DataPosition, TrainState, best_checkpoint, checkpoints_dir, remove_leftovers,
@@ -35,6 +44,7 @@ from qlora_kit.train.guard import NonfiniteGuard, nonfinite_stop_message, refuse
 from qlora_kit.train.loss import batch_loss_sum, count_trained_tokens
 from qlora_kit.train.metrics import MetricsLog
 from qlora_kit.train.optim import build_optimizer, build_scheduler
+from qlora_kit.train.state_io import capture_rng_state
 from qlora_kit.train.stop import StopSignals, TrainingStopped
 
 
@@ -46,25 +56,39 @@ class StepBatch:
     position: DataPosition
 
 
-def total_optimizer_steps(num_examples: int, args: TrainArguments) -> int:
+def batches_per_epoch(num_examples: int, args: TrainArguments, num_processes: int = 1) -> int:
+    """Micro-batches of all processes together in one epoch: the global batch is per-device x processes."""
+    return max(1, math.ceil(num_examples / (args.per_device_train_batch_size * num_processes)))
+
+
+def total_optimizer_steps(num_examples: int, args: TrainArguments, num_processes: int = 1) -> int:
     if args.max_steps > 0:
         return args.max_steps
-    batches_per_epoch = math.ceil(num_examples / args.per_device_train_batch_size)
-    return max(1, math.ceil(args.num_train_epochs * batches_per_epoch / args.gradient_accumulation_steps))
+    per_epoch = batches_per_epoch(num_examples, args, num_processes)
+    return max(1, math.ceil(args.num_train_epochs * per_epoch / args.gradient_accumulation_steps))
 
 
-def step_batches(dataset: Dataset, args: TrainArguments, pad_id: int, start: DataPosition) -> Iterator[StepBatch]:
-    """Endless optimizer steps of micro-batches, epoch after epoch, starting at `start`."""
+def step_batches(dataset: Dataset, args: TrainArguments, pad_id: int, start: DataPosition, rank: int = 0,
+                 num_processes: int = 1) -> Iterator[StepBatch]:
+    """Endless optimizer steps of this process's micro-batches, epoch after epoch, starting at `start`.
+
+    Every process walks the same global batches (per-device x processes examples) and takes its share.
+    """
     lengths = [len(ids) for ids in dataset["input_ids"]]
+    size = args.per_device_train_batch_size * num_processes
     epoch, index = start.epoch, start.batch_in_epoch
-    batches = epoch_batches(lengths, args.per_device_train_batch_size, args.seed, epoch)
+    batches = epoch_batches(lengths, size, args.seed, epoch)
     while True:
         micro = []
         while len(micro) < args.gradient_accumulation_steps:
             if index == len(batches):
                 epoch, index = epoch + 1, 0
-                batches = epoch_batches(lengths, args.per_device_train_batch_size, args.seed, epoch)
-            micro.append(collate([dataset[i] for i in batches[index]], pad_id))
+                batches = epoch_batches(lengths, size, args.seed, epoch)
+            share, filler = process_share(batches[index], rank, num_processes)
+            batch = collate([dataset[i] for i in share], pad_id)
+            if filler:
+                batch["labels"].fill_(IGNORE_INDEX)
+            micro.append(batch)
             index += 1
         yield StepBatch(micro, DataPosition(epoch, index))
 
@@ -102,34 +126,64 @@ class LogWindow:
 
 @torch.no_grad()
 def evaluate(model, dataset: Dataset, batch_size: int, pad_id: int, device: torch.device,
-             should_stop: Optional[Callable[[], bool]] = None) -> Optional[float]:
-    """Mean loss per trained token over a dataset; None when `should_stop` cut it short."""
+             should_stop: Optional[Callable[[], bool]] = None, accelerator: Optional[Accelerator] = None
+             ) -> Optional[float]:
+    """Mean loss per trained token over a dataset; None when `should_stop` cut it short.
+
+    With an `accelerator` of several processes each evaluates its share of the batches and the sums
+    are added up across them (`should_stop` is then not consulted: all must reach the sum).
+    """
+    rank, num_processes = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    if num_processes > 1:
+        should_stop = None
     model.eval()
-    loss_sum = torch.zeros((), device=device)
-    tokens = 0
-    for start in range(0, len(dataset), batch_size):
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, trained tokens
+    for start in range(rank * batch_size, len(dataset), batch_size * num_processes):
         if should_stop is not None and should_stop():
             model.train()
             return None
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss_sum += batch_loss_sum(model, batch)
-        tokens += int(count_trained_tokens(batch["labels"]))
+        sums[0] += batch_loss_sum(model, batch).double()
+        sums[1] += count_trained_tokens(batch["labels"])
     model.train()
-    return loss_sum.item() / max(tokens, 1)
+    if num_processes > 1:
+        sums = accelerator.reduce(sums, reduction="sum")
+    loss_sum, tokens = sums.tolist()
+    return loss_sum / max(tokens, 1)
 
 
 def accumulate_step(model, micro_batches: list[dict], step_trained: int, accelerator: Accelerator) -> torch.Tensor:
-    """Forward and backward of a step's micro-batches (gradients synchronised on the last); the summed token loss."""
+    """Forward and backward of a step's micro-batches (gradients synchronised on the last); this process's
+    summed token loss.
+
+    `step_trained` counts the trained tokens of every process. Data parallel averages the gradients
+    of the processes, so each scales its loss by their number: every token weighs 1 / step_trained.
+    """
     step_loss = torch.zeros((), device=accelerator.device)
+    divisor = max(step_trained, 1) / accelerator.num_processes
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         last = i == len(micro_batches) - 1
         with nullcontext() if last else accelerator.no_sync(model):
             loss_sum = batch_loss_sum(model, batch)
-            accelerator.backward(loss_sum / max(step_trained, 1))
+            accelerator.backward(loss_sum / divisor)
         step_loss += loss_sum.detach()
     return step_loss
+
+
+def all_processes_sum(accelerator: Accelerator, *values: torch.Tensor | int) -> list[torch.Tensor]:
+    """Each value summed over the processes (as it is with one)."""
+    if accelerator.num_processes == 1:
+        return [torch.as_tensor(value) for value in values]
+    stacked = torch.stack([torch.as_tensor(value, dtype=torch.float64, device=accelerator.device) for value in values])
+    return list(accelerator.reduce(stacked, reduction="sum"))
+
+
+def signal_of_any_process(accelerator: Accelerator, received: Optional[int]) -> Optional[int]:
+    """The stop signal any process has received (None: none has), so that all stop after the same step."""
+    flags = accelerator.gather(torch.tensor([received or 0], device=accelerator.device))
+    return int(flags.max()) or None
 
 
 def train(
@@ -154,8 +208,8 @@ def train(
             weights hold NaN or inf (they are never saved so).
     """
     device = accelerator.device
-    total_steps = total_optimizer_steps(len(train_dataset), args)
-    batches_per_epoch = max(1, math.ceil(len(train_dataset) / args.per_device_train_batch_size))
+    total_steps = total_optimizer_steps(len(train_dataset), args, accelerator.num_processes)
+    per_epoch = batches_per_epoch(len(train_dataset), args, accelerator.num_processes)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, args, device)
     scheduler = build_scheduler(optimizer, args, total_steps)
@@ -165,7 +219,8 @@ def train(
     remove_leftovers(run_dir)
     state = TrainState()
     if resume_dir is not None:  # last before the first step: it restores the RNG states
-        state = resume_training(resume_dir, run_dir, accelerator.unwrap_model(model), optimizer, scheduler, args)
+        state = resume_training(resume_dir, run_dir, accelerator.unwrap_model(model), optimizer, scheduler, args,
+                                accelerator)
         guard.load_state_dict(state.nonfinite)
     window = LogWindow(device, state.log_window)
     stop = StopSignals(newest_checkpoint=resume_dir)
@@ -177,23 +232,32 @@ def train(
                                  stop.newest_checkpoint)
         state.nonfinite, state.log_window = guard.state_dict(), window.state_dict()
         path = checkpoints_dir(run_dir) / f"step-{state.step}"
+        rng_states = gather_object([capture_rng_state()]) if accelerator.num_processes > 1 else None
         if accelerator.is_main_process:
-            save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, state)
+            save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, state, rng_states)
             rotate_checkpoints(run_dir, args.save_total_limit, args.keep_best_checkpoint)
+        accelerator.wait_for_everyone()
         stop.newest_checkpoint = path
         return path
 
-    batches = step_batches(train_dataset, args, pad_id, state.data)
+    def log_row(row: dict[str, Any]) -> None:  # one process writes the run's metrics
+        if accelerator.is_main_process:
+            metrics.write(row)
+
+    batches = step_batches(train_dataset, args, pad_id, state.data, accelerator.process_index, accelerator.num_processes)
     with stop, tqdm(total=total_steps, initial=state.step, desc="training",
                     disable=not accelerator.is_main_process) as bar:
         while state.step < total_steps:
             step = next(batches)
-            step_trained = int(sum(count_trained_tokens(b["labels"]) for b in step.micro_batches))
-            step_inputs = int(sum(b["attention_mask"].sum() for b in step.micro_batches))
+            step_trained, step_inputs = (int(n) for n in all_processes_sum(
+                accelerator, sum(count_trained_tokens(b["labels"]) for b in step.micro_batches),
+                sum(b["attention_mask"].sum() for b in step.micro_batches)))
             if step_driver is not None:  # layer-major order: it runs forward and backward of the whole step
                 step_loss = step_driver(step.micro_batches, step_trained).detach()
             else:
                 step_loss = accumulate_step(model, step.micro_batches, step_trained, accelerator)
+            if accelerator.num_processes > 1:
+                step_loss = accelerator.reduce(step_loss, reduction="sum")
             grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
             # On the device: a non-finite step changes nothing.
             applied = guard.check(step_loss, grad_norm, scheduler.get_last_lr())
@@ -218,9 +282,9 @@ def train(
                     "learning_rate": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm),
                     "trained_tokens": state.trained_tokens,
-                    "epoch": state.data.epoch + state.data.batch_in_epoch / batches_per_epoch,
+                    "epoch": state.data.epoch + state.data.batch_in_epoch / per_epoch,
                 }
-                metrics.write(row)
+                log_row(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}" if "loss" in row else "-", lr=f"{row['learning_rate']:.1e}",
                                 tok_s=f"{row['tokens_per_second']:.0f}")
                 if "skipped_steps" in row:
@@ -230,11 +294,13 @@ def train(
             state.eval_loss = None
             if eval_dataset is not None and ((args.eval_steps and state.step % args.eval_steps == 0) or at_end):
                 state.eval_loss = evaluate(model, eval_dataset, args.per_device_eval_batch_size, pad_id, device,
-                                           should_stop=lambda: stop.received is not None)
+                                           should_stop=lambda: stop.received is not None, accelerator=accelerator)
                 if state.eval_loss is not None:
-                    metrics.write({"step": state.step, "eval_loss": state.eval_loss})
+                    log_row({"step": state.step, "eval_loss": state.eval_loss})
                     bar.write(f"step {state.step}: eval loss {state.eval_loss:.4f}")
 
+            if accelerator.num_processes > 1:
+                stop.received = signal_of_any_process(accelerator, stop.received)
             saved = None
             if (args.save_steps and state.step % args.save_steps == 0) or at_end or stop.received:
                 saved = checkpoint()

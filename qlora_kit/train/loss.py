@@ -152,7 +152,9 @@ def logit_head(model: nn.Module) -> Optional[LogitHead]:
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (its LoRA layers included)."""
+    """The transformers model under a DistributedDataParallel and a peft wrapper (its LoRA layers included)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

@@ -88,24 +88,42 @@ def repage_optimizer_state(optimizer) -> int:
     return moved
 
 
-def save_rng_state(folder: Path) -> None:
-    """Python, numpy, torch CPU and CUDA generator states."""
+RngState = tuple[dict[str, torch.Tensor], dict[str, Any]]  # tensors, and what JSON holds
+
+
+def capture_rng_state() -> RngState:
+    """This process's Python, numpy, torch CPU and CUDA generator states."""
     np_state = np.random.get_state()
     tensors = {"torch_cpu": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
     if torch.cuda.is_available():
         for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{i}"] = cuda_state
-    save_file(tensors, folder / "rng.safetensors")
     python_state = random.getstate()
-    (folder / "rng.json").write_text(json.dumps({
+    plain = {
         "python": [python_state[0], list(python_state[1]), python_state[2]],
         "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    }))
+    }
+    return tensors, plain
 
 
-def load_rng_state(folder: Path) -> None:
-    tensors = load_file(folder / "rng.safetensors")
-    plain = json.loads((folder / "rng.json").read_text())
+def _rng_files(folder: Path, rank: int) -> tuple[Path, Path]:
+    stem = "rng" if rank == 0 else f"rng-{rank}"  # process 0 (or the only one) in rng.*
+    return folder / f"{stem}.safetensors", folder / f"{stem}.json"
+
+
+def save_rng_state(folder: Path, states: list[RngState] | None = None) -> None:
+    """The generator states of every process (`states`, by rank), or of this one; rng[-RANK].safetensors + .json."""
+    for rank, (tensors, plain) in enumerate(states or [capture_rng_state()]):
+        tensor_file, json_file = _rng_files(folder, rank)
+        save_file(tensors, tensor_file)
+        json_file.write_text(json.dumps(plain))
+
+
+def load_rng_state(folder: Path, rank: int = 0) -> None:
+    """Restore the generator states process `rank` saved."""
+    tensor_file, json_file = _rng_files(folder, rank)
+    tensors = load_file(tensor_file)
+    plain = json.loads(json_file.read_text())
     version, internal, gauss = plain["python"]
     random.setstate((version, tuple(internal), gauss))
     name, pos, has_gauss, cached = plain["numpy"]

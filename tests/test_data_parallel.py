@@ -1,0 +1,115 @@
+"""Data parallel: two processes (`accelerate launch --multi_gpu`, on CPU with gloo) train as one process with a
+batch twice as large. (`accelerate launch --cpu --num_processes 2` starts a single process: multi-CPU runs
+need `--multi_gpu`, which starts torchrun, or MPI.)"""
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_kit.config import LoraArguments, TrainArguments, parse
+from qlora_kit.output import resume_differences
+from qlora_kit.data.batches import process_share
+from qlora_kit.train.resilience import step_losses, synthetic_dataset, train_once, write_random_llama
+
+# 13 examples in global batches of 4: the last batch of each epoch holds one, so one process gets a filler.
+EXAMPLES, LENGTH, VOCAB = 13, 32, 512
+LORA = LoraArguments(lora_r=4, lora_alpha=8, lora_dropout=0.0)  # no dropout: its random masks differ per process
+ARGS = TrainArguments(max_steps=4, gradient_accumulation_steps=2, learning_rate=2e-3, warmup_ratio=0.0,
+                      logging_steps=1, save_steps=4, optim="adamw_torch")
+
+TRAIN_SCRIPT = """
+import sys
+from dataclasses import replace
+from pathlib import Path
+import torch
+from qlora_kit.train.resilience import synthetic_dataset, train_once
+sys.path.insert(0, sys.argv[3])
+from test_data_parallel import ARGS, EXAMPLES, LENGTH, LORA, VOCAB
+args = replace(ARGS, output_dir=sys.argv[2], per_device_train_batch_size=int(sys.argv[4]))
+train_once(Path(sys.argv[1]), synthetic_dataset(EXAMPLES, LENGTH, VOCAB), args, LORA, torch.device("cpu"))
+"""
+
+# With dropout, each process draws its own masks: a resume is exact only if every process's RNG comes back.
+RESUME_SCRIPT = """
+import sys
+from dataclasses import replace
+from pathlib import Path
+import torch
+from qlora_kit.config import LoraArguments
+from qlora_kit.train.resilience import synthetic_dataset, train_once
+sys.path.insert(0, sys.argv[3])
+from test_data_parallel import ARGS, EXAMPLES, LENGTH, VOCAB
+model, work = Path(sys.argv[1]), Path(sys.argv[2])
+lora = LoraArguments(lora_r=4, lora_alpha=8, lora_dropout=0.1)
+args = replace(ARGS, per_device_train_batch_size=2, save_steps=2)
+data = synthetic_dataset(EXAMPLES, LENGTH, VOCAB)
+train_once(model, data, replace(args, output_dir=str(work / "straight")), lora, torch.device("cpu"))
+train_once(model, data, replace(args, output_dir=str(work / "resumed")), lora, torch.device("cpu"),
+           resume_dir=work / "straight" / "checkpoints" / "step-2")
+"""
+
+
+def test_a_batch_is_dealt_out_by_length_and_a_process_left_without_one_gets_a_filler():
+    assert process_share([7, 3, 5, 1], 0, 2) == ([7, 5], False)
+    assert process_share([7, 3, 5, 1], 1, 2) == ([3, 1], False)
+    assert process_share([9], 1, 2) == ([9], True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_random_llama(tmp_path_factory.mktemp("dp") / "model", "tiny")
+
+
+def launch(source: str, model_dir: Path, out: Path, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    script = out.parent / f"script-{out.name}.py"
+    script.write_text(source)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+               str(model_dir), str(out), str(Path(__file__).parent), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+
+
+def test_two_processes_train_as_one_with_twice_the_batch(tmp_path, model_dir):
+    one = tmp_path / "one-process"
+    train_once(model_dir, synthetic_dataset(EXAMPLES, LENGTH, VOCAB),
+               replace(ARGS, output_dir=str(one), per_device_train_batch_size=4), LORA, torch.device("cpu"))
+    two = tmp_path / "two-processes"
+    result = launch(TRAIN_SCRIPT, model_dir, two, "2")
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    expected, got = step_losses(one), step_losses(two)
+    assert sorted(got) == [1, 2, 3, 4]  # one metrics row a step: written once, not once per process
+    assert got == pytest.approx(expected, rel=1e-5)  # fp32: the same sums, added in another order
+    adapter = "checkpoints/step-4/adapter_model.safetensors"
+    a, b = load_file(one / adapter), load_file(two / adapter)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+    assert any("lora_B" in name and b[name].abs().sum() > 0 for name in b)  # trained: B starts at zero
+
+
+def test_a_two_process_run_resumes_exactly(tmp_path, model_dir):
+    result = launch(RESUME_SCRIPT, model_dir, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert {p.name for p in (straight / "checkpoints" / "step-2").glob("rng*")} == {
+        "rng.safetensors", "rng.json", "rng-1.safetensors", "rng-1.json"}  # both processes' generators
+    assert step_losses(resumed) == step_losses(straight)  # bit for bit
+    adapter = "checkpoints/step-4/adapter_model.safetensors"
+    a, b = load_file(straight / adapter), load_file(resumed / adapter)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_resuming_with_another_number_of_processes_is_refused():
+    saved = {"resolved": {"num_processes": 2}}
+    refused, _ = resume_differences(saved, parse([]), {"model_fingerprint": "", "data_fingerprint": None,
+                                                       "num_processes": 1})
+    assert refused == ["the number of processes 2 -> 1 (the global batch and each process's share of the data "
+                       "would differ; resume with 2)"]
