@@ -3,11 +3,14 @@ batch twice as large. (`accelerate launch --cpu --num_processes 2` starts a sing
 need `--multi_gpu`, which starts torchrun, or MPI.)"""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -113,3 +116,33 @@ def test_resuming_with_another_number_of_processes_is_refused():
                                                        "num_processes": 1})
     assert refused == ["the number of processes 2 -> 1 (the global batch and each process's share of the data "
                        "would differ; resume with 2)"]
+
+
+LONG_SCRIPT = TRAIN_SCRIPT.replace("per_device_train_batch_size=int(sys.argv[4]))",
+                                   "per_device_train_batch_size=2, max_steps=1000, save_steps=1000)")
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_step_with_one_checkpoint(tmp_path, model_dir):
+    out = tmp_path / "run"
+    script = tmp_path / "script.py"
+    script.write_text(LONG_SCRIPT)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+               str(model_dir), str(out), str(Path(__file__).parent)]
+    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 600
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+        assert launcher.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.5)
+    workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if str(script) in p.cmdline()]
+    second = next(p for p in workers if p.environ().get("RANK") == "1")
+    second.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=600)
+
+    assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in workers)
+    checkpoints = [p.name for p in (out / "checkpoints").iterdir()]
+    assert len(checkpoints) == 1, checkpoints
+    stopped_at = int(checkpoints[0].removeprefix("step-"))
+    assert stderr.count(f"stopped by SIGTERM after step {stopped_at}") == 2, stderr[-3000:]  # both, the same step
+    assert max(step_losses(out)) == stopped_at
