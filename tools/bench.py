@@ -9,12 +9,10 @@ The logic lives in qlora_kit/benchmark.py.
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qlora_kit.benchmark import BenchSettings, compare, format_table  # noqa: E402
+from qlora_kit.benchmark import BenchSettings, compare, format_table
 
 
 def main() -> None:

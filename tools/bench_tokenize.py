@@ -15,20 +15,18 @@ import argparse
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qlora_kit.config import DataArguments  # noqa: E402
-from qlora_kit.data.dataset import build_datasets  # noqa: E402
-from qlora_kit.data.synthetic import synthetic_conversations, write_jsonl  # noqa: E402
-from qlora_kit.errors import exit_on_user_error  # noqa: E402
-from qlora_kit.log import setup_logging  # noqa: E402
-from qlora_kit.model.load import load_tokenizer  # noqa: E402
-from qlora_kit.sources import resolve_model  # noqa: E402
+from qlora_kit.config import DataArguments
+from qlora_kit.data.dataset import build_datasets
+from qlora_kit.data.synthetic import synthetic_conversations, write_jsonl
+from qlora_kit.errors import exit_on_user_error
+from qlora_kit.log import setup_logging
+from qlora_kit.model.load import load_tokenizer
+from qlora_kit.sources import resolve_model
 
 
 def cpu_seconds() -> float:
