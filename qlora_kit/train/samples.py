@@ -108,7 +108,7 @@ class SampleReplies:
             inputs = torch.tensor([ids], device=device)
             out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
                                  max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                 temperature=None, top_p=None, top_k=None)
+                                 temperature=None, top_p=None, top_k=None, use_cache=True)  # training turns it off
             reply = out[0, len(ids):].tolist()
             end = next((k for k, token in enumerate(reply) if token in stop_ids), len(reply))
             reply = reply[:end]
