@@ -112,6 +112,12 @@ class DataArguments:
         "Processes that tokenize the data (default: the CPU count, up to 8, for 5,000+ records; else 1).",
         default=None,
     )
+    preview_data: int = _help(
+        "Tokenize the data as the run would, print the data report and this many training examples with the "
+        "trained tokens marked (and a packed row's sequence boundaries with --packing), then exit without loading "
+        "the model. 0: train.", default=0)
+    preview_data_file: Optional[str] = _help(
+        "With --preview_data, also write the preview as an HTML file here.", default=None)
 
 
 @dataclass
@@ -156,6 +162,18 @@ class TrainArguments:
         "(0: no guard: such updates are applied, and the run stops rather than save weights holding NaN or inf).",
         default=5,
     )
+    report_to: str = _help(
+        "Experiment trackers that receive the metrics.jsonl rows, the run config, the data report and the memory "
+        "plan: none, tensorboard, wandb, mlflow, trackio, a comma-separated list of them, or all (every one "
+        "installed). metrics.jsonl and loss.png are written whatever this is.", default="none")
+    run_name: Optional[str] = _help("The run's name in the trackers (default: the output folder's name).",
+                                    default=None)
+    project: str = _help("The trackers' project (wandb, trackio) or experiment (mlflow).", default="qlora_kit")
+    eval_prompts: Optional[str] = _help(
+        "A .jsonl file of prompts ({\"prompt\": ...} or {\"messages\": [...]}) answered greedily at each eval, "
+        "logged with a repeated-n-gram rate. Unset: the first --eval_num_prompts eval conversations.", default=None)
+    eval_num_prompts: int = _help("Sample replies at each eval (0: none); the first N prompts are used.", default=3)
+    eval_max_new_tokens: int = _help("Longest sample reply, in tokens.", default=64)
 
 
 @dataclass
@@ -399,6 +417,9 @@ NUMERIC_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "save_total_limit": (lambda v: v >= 0, "0 (keep every checkpoint) or positive"),
     "max_nonfinite_steps": (lambda v: v >= 0, "0 (no guard) or positive"),
     "loss_chunk_size": (lambda v: v >= 0, "0 (plain loss) or positive"),
+    "preview_data": (lambda v: v >= 0, "0 (train) or a number of examples to show"),
+    "eval_num_prompts": (lambda v: v >= 0, "0 (no sample replies) or positive"),
+    "eval_max_new_tokens": (lambda v: v >= 1, "at least 1"),
     "resident_layers": (lambda v: v >= -1, "-1 (the plan decides) or a number of layers"),
     "layers_in_flight": (lambda v: v >= 1, "at least 1"),
 }
@@ -437,6 +458,9 @@ def validate(config: RunConfig) -> None:
         if not ok:
             raise UserError(message)
     _validate_memory(config.memory)
+    from qlora_kit.train.trackers import check_report_to
+
+    check_report_to(config.train.report_to)
 
 
 def _validate_memory(args: MemoryArguments) -> None:

@@ -2,7 +2,7 @@
 
 RUN/ holds adapter_config.json + adapter_model.safetensors (PEFT format), the tokenizer and chat
 template, run_config.yaml, metrics.jsonl, loss.png and checkpoints/step-N/ (and merged/ with
---export_merged). These are the run's own files (RUN_FILES, RUN_FOLDERS); --overwrite_output_dir
+--export_merged; the trackers' folders and trackers.json with --report_to). These are the run's own files (RUN_FILES, RUN_FOLDERS); --overwrite_output_dir
 removes only them, and never a file the run did not write (a user's notes, the run's own dataset).
 
 A resume is checked against the run_config.yaml the checkpoint carries: what the checkpoint's
@@ -31,6 +31,7 @@ from qlora_kit.paths import check_output_parent, check_writable
 from qlora_kit.train.checkpoint import list_checkpoints, resolve_resume_dir
 from qlora_kit.train.guard import refuse_nonfinite_weights
 from qlora_kit.train.metrics import MetricsLog, plot_loss
+from qlora_kit.train.trackers import IDS_FILE, TRACKER_FOLDERS
 
 RUN_MARKER = "run_config.yaml"
 MODEL_CARD = "README.md"  # peft writes a model card with the adapter; the run's only when it is one
@@ -39,9 +40,9 @@ RUN_FILES = frozenset({
     RUN_MARKER, "metrics.jsonl", "loss.png", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
     "chat_template.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
-    "sentencepiece.bpe.model",
+    "sentencepiece.bpe.model", IDS_FILE,
 })
-RUN_FOLDERS = frozenset({"checkpoints", "merged", ".tmp-final-adapter"})
+RUN_FOLDERS = frozenset({"checkpoints", "merged", ".tmp-final-adapter", *TRACKER_FOLDERS})
 RUN_PREFIXES = (".merged.partial-",)  # an export killed half-way (export/folder.py)
 
 # Fields a resume must keep, and what they fix in the checkpoint.

@@ -9,11 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from qlora_kit.config import ModelArguments
 from qlora_kit.errors import UserError
 from qlora_kit.model.bnb_cpu import keep_canonical_layout
+from qlora_kit.model.tokenizer import load_tokenizer  # noqa: F401 (callers import it from here too)
 from qlora_kit.log import notice_once
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -68,13 +69,3 @@ def load_quantized_model(
         parameter.requires_grad_(False)
     model.config.use_cache = False
     return keep_canonical_layout(model)
-
-
-def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
-    """The model's tokenizer, padding on the right; eos stands in for a missing pad token."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    tokenizer.padding_side = "right"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-        notice_once(f"the tokenizer has no pad token: padding with eos ({tokenizer.eos_token!r})")
-    return tokenizer

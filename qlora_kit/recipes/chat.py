@@ -2,7 +2,10 @@
 
 With no arguments it runs the built-in demo (recipes/chat/demo.yaml): SmolLM2-135M-Instruct on
 the chatterbot-corpus English conversations, a few minutes on two CPU cores. Every field is
-listed by --help; --config YAML sets many at once and flags override it.
+listed by --help; --config YAML sets many at once and flags override it. --preview_data N shows
+what the run would train on and stops before the model: the training stack (peft, bitsandbytes,
+accelerate, the model and training modules) is imported inside `run`, after that check, so a
+preview takes seconds.
 """
 
 from __future__ import annotations
@@ -10,30 +13,22 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from accelerate import Accelerator
-from transformers import set_seed
+from datasets import Dataset
 
-import qlora_kit
 from qlora_kit import interrupts
-from qlora_kit.config import RunConfig, parse, write_run_config
+from qlora_kit.config import RunConfig, parse
 from qlora_kit.data.dataset import build_datasets
+from qlora_kit.data.preview import preview
+from qlora_kit.data.report import DataReport
 from qlora_kit.errors import exit_on_user_error
-from qlora_kit.export.cli import export_run
 from qlora_kit.log import logger, setup_logging
-from qlora_kit.memory.apply import apply_memory_settings, plan_for_run, stream_arguments
-from qlora_kit.memory.reorder import layer_major_driver
-from qlora_kit.memory.stream import setup_streaming
-from qlora_kit.model.load import choose_compute_dtype, load_tokenizer
-from qlora_kit.model.lora import (add_lora, choose_lora_dtype, enable_gradient_checkpointing, log_dtype_choice,
-                                  trainable_report)
-from qlora_kit.model.stream_load import load_model
-from qlora_kit.output import (check_output_dir, check_resume, data_paths, finish_run, prepare_output_dir,
-                              run_identity)
+from qlora_kit.model.tokenizer import load_tokenizer
 from qlora_kit.sources import resolve_model
-from qlora_kit.train.checkpoint import TrainState, check_checkpoint_space
-from qlora_kit.train.loop import total_optimizer_steps, train
+
+if TYPE_CHECKING:
+    from qlora_kit.train.checkpoint import TrainState
 
 DEMO_PRESET = Path(__file__).resolve().parents[2] / "recipes" / "chat" / "demo.yaml"
 
@@ -46,7 +41,7 @@ class RunResult:
 
 
 @exit_on_user_error
-def main(argv: Optional[list[str]] = None) -> RunResult:
+def main(argv: Optional[list[str]] = None) -> Optional[RunResult]:
     """Parse the command line (no arguments: the demo preset) and run the recipe."""
     setup_logging()
     argv = sys.argv[1:] if argv is None else argv
@@ -57,21 +52,47 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
     return run(parse(argv))
 
 
-def run(config: RunConfig) -> RunResult:
-    """Setup -> train -> save, for a parsed configuration."""
-    accelerator = Accelerator()
+def run(config: RunConfig) -> Optional[RunResult]:
+    """Setup -> train -> save, for a parsed configuration (with --preview_data: show the data and stop)."""
+    if config.data.preview_data:
+        _, tokenizer, train_data, _, data_report = load_data(config)
+        print(preview(tokenizer, train_data, data_report, config.data.preview_data,
+                      html_file=config.data.preview_data_file))
+        return None
+    from accelerate import Accelerator
+    from transformers import set_seed
+
+    import qlora_kit
+    from qlora_kit.config import write_run_config
+    from qlora_kit.export.cli import export_run
+    from qlora_kit.memory.apply import apply_memory_settings, plan_for_run, stream_arguments
+    from qlora_kit.memory.plan import format_table
+    from qlora_kit.memory.reorder import layer_major_driver
+    from qlora_kit.memory.stream import setup_streaming
+    from qlora_kit.model.load import choose_compute_dtype
+    from qlora_kit.model.lora import (add_lora, choose_lora_dtype, enable_gradient_checkpointing, log_dtype_choice,
+                                      trainable_report)
+    from qlora_kit.model.stream_load import load_model
+    from qlora_kit.output import (check_output_dir, check_resume, data_paths, finish_run, prepare_output_dir,
+                                  run_identity)
+    from qlora_kit.train.checkpoint import check_checkpoint_space, checkpoint_step
+    from qlora_kit.train.loop import total_optimizer_steps, train
+    from qlora_kit.train.samples import sample_replies
+    from qlora_kit.train.trackers import check_report_to, finish_trackers, make_trackers, start_trackers
+
     set_seed(config.train.seed)
 
     # Setup: every check a user's input can fail comes before anything is written.
     run_dir = Path(config.train.output_dir)
     resume_dir = check_output_dir(run_dir, config.train)
-    interrupts.stage("finding the model")
-    model_dir = resolve_model(config.model.model_name_or_path)
-    tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
-    interrupts.stage("reading and tokenizing the data")
-    train_data, eval_data, data_report = build_datasets(config.data, tokenizer, config.train.seed)
+    accelerator = Accelerator(log_with=make_trackers(
+        check_report_to(config.train.report_to), run_dir, config.train.run_name or run_dir.resolve().name,
+        config.train.project, resume_dir and checkpoint_step(resume_dir)))
+    model_dir, tokenizer, train_data, eval_data, data_report = load_data(config)
     logger.info(data_report.line())
-    identity = run_identity(model_dir, train_data, tokenizer.pad_token_id, accelerator.num_processes)  # what a resume must not change
+    samples = sample_replies(config.train, tokenizer, eval_data)  # reads --eval_prompts before the model loads
+    # What a resume must not change:
+    identity = run_identity(model_dir, train_data, tokenizer.pad_token_id, accelerator.num_processes)
     if resume_dir is not None:
         check_resume(resume_dir, config, identity)
 
@@ -109,11 +130,16 @@ def run(config: RunConfig) -> RunResult:
         **identity,
     })
     tokenizer.save_pretrained(run_dir)
+    start_trackers(accelerator, run_dir, config.train.project, {
+        "run/data_report": data_report.line(), "run/memory_plan": format_table(plan) if plan else "no memory plan"})
 
     # Train, then save the adapter and the loss plot.
     interrupts.stage("starting training", again)
-    state = train(model, train_data, eval_data, config.train, accelerator, run_dir,
-                  pad_id=tokenizer.pad_token_id, resume_dir=resume_dir, step_driver=step_driver)
+    try:
+        state = train(model, train_data, eval_data, config.train, accelerator, run_dir, pad_id=tokenizer.pad_token_id,
+                      resume_dir=resume_dir, step_driver=step_driver, samples=samples)
+    finally:
+        finish_trackers(accelerator)
     if accelerator.is_main_process:
         interrupts.stage("saving the adapter", f"the newest checkpoint in {run_dir / 'checkpoints'} holds the "
                          f"trained adapter: run the same command with --resume_from_checkpoint latest to save it")
@@ -124,6 +150,16 @@ def run(config: RunConfig) -> RunResult:
             export_run(run_dir, config.export)
     logger.info(f"done: {state.step} steps, {state.trained_tokens:,} trained tokens; adapter and metrics in {run_dir}")
     return RunResult(run_dir, model, state)
+
+
+def load_data(config: RunConfig) -> tuple[Path, Any, Dataset, Optional[Dataset], DataReport]:
+    """The model folder, its tokenizer, and the tokenized train and eval splits with their report."""
+    interrupts.stage("finding the model")
+    model_dir = resolve_model(config.model.model_name_or_path)
+    tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
+    interrupts.stage("reading and tokenizing the data")
+    train_data, eval_data, data_report = build_datasets(config.data, tokenizer, config.train.seed)
+    return model_dir, tokenizer, train_data, eval_data, data_report
 
 
 if __name__ == "__main__":

@@ -44,8 +44,10 @@ from qlora_kit.train.guard import NonfiniteGuard, nonfinite_stop_message, refuse
 from qlora_kit.train.loss import batch_loss_sum, count_trained_tokens
 from qlora_kit.train.metrics import MetricsLog
 from qlora_kit.train.optim import build_optimizer, build_scheduler
+from qlora_kit.train.samples import SampleReplies
 from qlora_kit.train.state_io import capture_rng_state
 from qlora_kit.train.stop import StopSignals, TrainingStopped
+from qlora_kit.train.trackers import tracker_sink
 
 
 @dataclass
@@ -196,11 +198,14 @@ def train(
     pad_id: int,
     resume_dir: Optional[Path] = None,
     step_driver: Optional[Callable[[list, int], torch.Tensor]] = None,
+    samples: Optional[SampleReplies] = None,
 ) -> TrainState:
     """Train the LoRA parameters of `model`; save checkpoints and log metrics in run_dir.
 
     `step_driver(micro_batches, step_trained)`, when given, runs a step's forward and backward
     itself and returns its summed token loss (qlora_kit.memory.reorder: layer-major order).
+    `samples`, when given, writes greedy sample replies to metrics.jsonl at each eval.
+    Every metrics.jsonl row also goes to the accelerator's trackers (train/trackers.py).
 
     Raises:
         TrainingStopped: SIGINT/SIGTERM arrived; a checkpoint was written (exit code 128 + signal).
@@ -214,7 +219,7 @@ def train(
     optimizer = build_optimizer(trainable, args, device)
     scheduler = build_scheduler(optimizer, args, total_steps)
     guard = NonfiniteGuard(optimizer, args.max_nonfinite_steps, device)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", on_row=tracker_sink(accelerator))
     model, prepared_optimizer = accelerator.prepare(model, optimizer)
     remove_leftovers(run_dir)
     state = TrainState()
@@ -291,13 +296,19 @@ def train(
                     bar.write(f"step {state.step}: {row['skipped_steps']} step(s) with a non-finite loss or "
                               f"gradient norm skipped")
 
+            at_eval = bool(args.eval_steps and state.step % args.eval_steps == 0) or at_end
             state.eval_loss = None
-            if eval_dataset is not None and ((args.eval_steps and state.step % args.eval_steps == 0) or at_end):
+            if eval_dataset is not None and at_eval:
                 state.eval_loss = evaluate(model, eval_dataset, args.per_device_eval_batch_size, pad_id, device,
                                            should_stop=lambda: stop.received is not None, accelerator=accelerator)
                 if state.eval_loss is not None:
                     log_row({"step": state.step, "eval_loss": state.eval_loss})
                     bar.write(f"step {state.step}: eval loss {state.eval_loss:.4f}")
+            if samples is not None and at_eval and stop.received is None and accelerator.is_main_process:
+                rows = samples.rows(accelerator.unwrap_model(model), state.step)
+                for row in rows:
+                    metrics.write(row)
+                bar.write(samples.summary(rows))
 
             if accelerator.num_processes > 1:
                 stop.received = signal_of_any_process(accelerator, stop.received)
