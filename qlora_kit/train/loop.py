@@ -32,7 +32,7 @@ from qlora_kit.log import logger
 from qlora_kit.train.checkpoint import (DataPosition, TrainState, best_checkpoint, checkpoints_dir, remove_leftovers,
                                         resume_training, rotate_checkpoints, save_checkpoint)
 from qlora_kit.train.guard import NonfiniteGuard, nonfinite_stop_message, refuse_nonfinite_weights
-from qlora_kit.train.loss import batch_loss_sum, count_trained_tokens
+from qlora_kit.train.loss import batch_loss_sum, check_chunked_loss, count_trained_tokens
 from qlora_kit.train.metrics import MetricsLog
 from qlora_kit.train.optim import build_optimizer, build_scheduler
 from qlora_kit.train.stop import StopSignals, TrainingStopped
@@ -184,10 +184,14 @@ def train(
         return path
 
     batches = step_batches(train_dataset, args, pad_id, state.data)
+    loss_checked = False
     with stop, tqdm(total=total_steps, initial=state.step, desc="training",
                     disable=not accelerator.is_main_process) as bar:
         while state.step < total_steps:
             step = next(batches)
+            if not loss_checked:  # once per run: the chunked loss against the model's own
+                check_chunked_loss(model, {k: v.to(device) for k, v in step.micro_batches[0].items()})
+                loss_checked = True
             step_trained = int(sum(count_trained_tokens(b["labels"]) for b in step.micro_batches))
             step_inputs = int(sum(b["attention_mask"].sum() for b in step.micro_batches))
             if step_driver is not None:  # layer-major order: it runs forward and backward of the whole step
