@@ -17,11 +17,15 @@ decoder layer, each checked to exist rather than assumed: the layer's checkpoint
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 from torch import nn
+
+from qlora_kit.log import notice_once
 
 LLAMA_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -43,6 +47,7 @@ class Family:
     divisor_field: Optional[str] = None   # config field: logits = logits / divisor
     embedding_scale: bool = False         # embeddings are multiplied by sqrt(hidden_size)
     norm_plus_one: bool = False           # RMSNorm computes x_hat * (1 + w), so w = 0 is the identity
+    attention_kernels: Optional[tuple[str, ...]] = None  # the attn_implementations it has; None: any
 
     @property
     def projections(self) -> tuple[str, ...]:
@@ -67,7 +72,7 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family("Mistral"),
     "qwen2": Family("Qwen2"),
     "qwen3": Family("Qwen3"),
-    "gemma2": Family("Gemma-2", **_GEMMA),
+    "gemma2": Family("Gemma-2", attention_kernels=("eager", "flash_attention_2"), **_GEMMA),  # attention softcapping
     "gemma3_text": Family("Gemma-3", **_GEMMA),
     "phi3": Family("Phi-3", attention=("self_attn.qkv_proj", "self_attn.o_proj"),
                    mlp=("mlp.gate_up_proj", "mlp.down_proj"), fused=("self_attn.qkv_proj", "mlp.gate_up_proj")),
@@ -85,6 +90,25 @@ def family_of(model: nn.Module) -> Optional[Family]:
     """The family of a transformers model (under a peft wrapper or not), or None."""
     config = getattr(model, "config", None)
     return family_for(getattr(config, "model_type", None))
+
+
+def attention_for(source, requested: str) -> str:
+    """The attention implementation to load a model with (`source`: its config, or its folder): the
+    requested one if its family has it, else the family's first (said once), so that the default
+    never stops a supported family.
+    """
+    model_type = getattr(source, "model_type", None)
+    if model_type is None:
+        try:
+            model_type = json.loads((Path(source) / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, TypeError):
+            return requested  # the loader reports an unreadable folder
+    family = family_for(model_type)
+    if family is None or family.attention_kernels is None or requested in family.attention_kernels:
+        return requested
+    chosen = family.attention_kernels[0]
+    notice_once(f"{family.name} has no {requested} attention in transformers: using {chosen}")
+    return chosen
 
 
 def supported_names() -> str:

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from qlora_kit.config import ModelArguments
 from qlora_kit.errors import UserError
 from qlora_kit.model.bnb_cpu import keep_canonical_layout
+from qlora_kit.model.family import attention_for
 from qlora_kit.log import notice_once
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -53,7 +54,7 @@ def load_quantized_model(
             dtype=compute_dtype,
             device_map={"": device},
             trust_remote_code=args.trust_remote_code,
-            attn_implementation=args.attn_implementation,
+            attn_implementation=attention_for(model_dir, args.attn_implementation),
         )
     except ValueError as error:
         text = " ".join(str(error).split())
