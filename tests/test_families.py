@@ -15,7 +15,7 @@ from qlora_kit.train.loss import check_chunked_loss, logit_head, set_loss_chunk_
 from export_runs import make_run
 from stream_models import CPU, lora_model, one_thread  # noqa: F401 - one_thread is an autouse fixture
 from test_stream_reorder import lora_grads, micro_batches, plain_step
-from tiny_models import FAMILY_ARCHITECTURES, tiny_config, tiny_model
+from tiny_models import VOCAB, FAMILY_ARCHITECTURES, tiny_chat_tokenizer, tiny_config, tiny_model
 
 LAYERS = 3
 FAMILIES_TESTED = sorted(FAMILY_ARCHITECTURES)
@@ -25,12 +25,17 @@ def test_every_family_has_a_tiny_model():
     assert {tiny_config(a).model_type for a in FAMILY_ARCHITECTURES} == set(FAMILIES)
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_chat_tokenizer()
+
+
 @pytest.fixture(scope="module", params=FAMILIES_TESTED)
-def family_run(request, tmp_path_factory, demo_tokenizer):
-    """A tiny base of the family (the demo tokenizer's vocabulary, for --verify's chats) and a trained-looking run."""
-    overrides = dict(FAMILY_ARCHITECTURES[request.param], num_hidden_layers=LAYERS, vocab_size=len(demo_tokenizer))
+def family_run(request, tmp_path_factory, tokenizer):
+    """A tiny base of the family and a trained-looking run, with a tokenizer for --verify's chats."""
+    overrides = dict(FAMILY_ARCHITECTURES[request.param], num_hidden_layers=LAYERS)
     folder = tmp_path_factory.mktemp(request.param)
-    base, run, model = make_run(folder, request.param, tokenizer=demo_tokenizer, model_overrides=overrides)
+    base, run, model = make_run(folder, request.param, tokenizer=tokenizer, model_overrides=overrides)
     return request.param, base, run, model
 
 
@@ -68,7 +73,7 @@ def test_chunked_loss_equals_the_models_own(family_run):
     _, _, _, model = family_run
     set_loss_chunk_size(model, 5)
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 4000, (2, 20), generator=generator)
+    ids = torch.randint(3, VOCAB, (2, 20), generator=generator)
     labels = ids.clone()
     labels[:, :4] = -100
     chunked, own = check_chunked_loss(model, {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)})
@@ -77,7 +82,7 @@ def test_chunked_loss_equals_the_models_own(family_run):
 
 def test_streamed_and_layer_major_equal_plain(family_run):
     _, base, _, _ = family_run
-    batches = [{k: v.clamp(max=4000) if k == "input_ids" else v for k, v in b.items()} for b in micro_batches(2)]
+    batches = [{k: v.clamp(max=VOCAB - 1) if k == "input_ids" else v for k, v in b.items()} for b in micro_batches(2)]
     step_trained = int(sum((b["labels"][:, 1:] != -100).sum() for b in batches))
     plain, _ = lora_model(base)
     streamed, streamer = lora_model(base, resident_layers=1)

@@ -59,6 +59,25 @@ def tiny_config(architecture: str = "llama", **overrides):
     return config_class(**values)
 
 
+def tiny_chat_tokenizer():
+    """A byte-level BPE tokenizer of fewer than VOCAB tokens, trained on --verify's chats, with ChatML."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from qlora_kit.data.tokenize import CHATML_TEMPLATE
+    from qlora_kit.export.verify import CHATS
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([m["content"] for chat in CHATS for m in chat] + ["system user assistant"], trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>",
+                                                eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
 def tiny_model(architecture: str = "llama", seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(architecture, **overrides))
