@@ -10,7 +10,8 @@ import torch
 
 from qlora_kit.export.cli import main as export_main
 from qlora_kit.memory.reorder import LayerMajorStep
-from qlora_kit.model.family import FAMILIES, check_structure, family_of, sliding_window_layers
+from qlora_kit.model.family import (FAMILIES, check_structure, family_of, replaced_forwards, set_checkpoint_function,
+                                     sliding_window_layers)
 from qlora_kit.train.loss import check_chunked_loss, logit_head, set_loss_chunk_size
 from export_runs import make_run
 from stream_models import CPU, lora_model, one_thread  # noqa: F401 - one_thread is an autouse fixture
@@ -106,3 +107,24 @@ def test_verify_passes_a_correct_merge_and_flags_one_into_the_original_weights(f
     assert correct["floor_valid"] and correct["within_noise_floor"], correct
     assert correct["noise_floor"]["top1_agreement"] >= 0.9  # a sane floor: rounding, not noise
     assert wrong["floor_valid"] and not wrong["within_noise_floor"], wrong
+
+
+def test_the_layer_wrappers_check_and_give_back():
+    model = tiny_model("llama")
+    model.gradient_checkpointing_enable()
+    layer = model.model.layers[0]
+    calls = []
+    previous = set_checkpoint_function(layer, lambda run, *args: calls.append(1) or run(*args))
+    model.train()(input_ids=torch.tensor([[5, 6, 7]]))
+    assert calls == [1]
+    set_checkpoint_function(layer, previous)
+    del layer._gradient_checkpointing_func  # as a transformers release that checkpoints another way
+    with pytest.raises(RuntimeError, match="checkpoints layers another way"):
+        set_checkpoint_function(layer, previous)
+    layers = model.model.layers
+    with replaced_forwards(layers, lambda index: lambda hidden, *args, **kwargs: hidden + index):
+        assert torch.equal(layers[1](torch.zeros(1)), torch.ones(1))
+        with pytest.raises(RuntimeError, match="already has its forward replaced"):
+            with replaced_forwards(layers, lambda index: None):
+                pass
+    assert "forward" not in vars(layers[1]) and "forward" not in vars(layers[0])

@@ -182,9 +182,10 @@ def replaced_forwards(layers: nn.ModuleList, make: Callable[[int], Callable]) ->
     The model's own forward still calls each layer through nn.Module.__call__, so hooks (the layer
     streamer's) keep running. On exit the instance attribute is removed and the class's forward is back.
     """
+    taken = [index for index, layer in enumerate(layers) if "forward" in vars(layer)]
+    if taken:
+        raise RuntimeError(f"decoder layer {taken[0]} already has its forward replaced")
     for index, layer in enumerate(layers):
-        if "forward" in vars(layer):
-            raise RuntimeError(f"{type(layer).__name__} {index} already has its forward replaced")
         layer.forward = make(index)
     try:
         yield
