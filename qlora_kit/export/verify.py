@@ -38,6 +38,7 @@ from qlora_kit.errors import CheckFailed, UserError
 from qlora_kit.export.settings import RunSettings
 from qlora_kit.log import logger
 from qlora_kit.model.load import load_quantized_model, load_tokenizer
+from qlora_kit.model.family import attention_for
 
 REPORT_NAME = "merge_report.json"
 # Within the floor: no more than this many times the floor's mean |diff| (plus a little slack for fp32, where
@@ -155,7 +156,7 @@ def verify_merge(adapter_dir: Path, merged_dir: Path, settings: RunSettings, mer
     _free(base, adapted)
     merged_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, device_map={"": device},
                                                         trust_remote_code=settings.trust_remote_code,
-                                                        attn_implementation=settings.attn_implementation)
+                                                        attn_implementation=attention_for(merged_dir, settings.attn_implementation))
     merged = chat_logits(merged_model, inputs, device)
     _free(merged_model)
     vs_adapter, floor = agreement(merged, trained), agreement(dense, trained)

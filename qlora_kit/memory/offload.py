@@ -3,8 +3,8 @@ to pinned host memory during forward and comes back, prefetched, during backward
 
 With activation checkpointing a decoder keeps one hidden state per layer (its input) until backward
 recomputes that layer: layers x tokens x hidden x 2 bytes, 5.4 GB for a 70B model at 4,096 tokens.
-`enable_activation_offload(model, device)` replaces the checkpoint function of every checkpointed
-layer with `ActivationOffloader.checkpoint`, which
+`enable_activation_offload(model, device)` gives every checkpointed layer `ActivationOffloader.checkpoint`
+as its checkpoint function (through qlora_kit/model/family.py's `set_checkpoint_function`), which
 - in forward runs the layer without keeping anything, and copies its input into pinned host memory
   on a side CUDA stream (the copy overlaps the layer's compute; `record_stream` keeps the allocator
   from reusing the input's memory before the copy ends), so the GPU holds no layer inputs;
@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from qlora_kit.memory.pinned import PinnedArena
+from qlora_kit.model.family import checkpointed_layers, set_checkpoint_function
 
 
 class _Offloaded:
@@ -65,7 +66,7 @@ class ActivationOffloader:
     def disable(self) -> None:
         """Give the layers back the checkpoint function they had before."""
         for module, function in self.replaced:
-            module._gradient_checkpointing_func = function
+            set_checkpoint_function(module, function)
         self.replaced.clear()
 
     def offload(self, tensor: torch.Tensor) -> _Offloaded:
@@ -171,10 +172,9 @@ def enable_activation_offload(model: nn.Module, device: torch.device, expected_b
         The offloader, whose `offloaded_bytes` counts what went to the host; `disable()` undoes it.
     """
     offloader = ActivationOffloader(device, expected_bytes)
-    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    layers = checkpointed_layers(model)
     if not layers:
         raise ValueError("activation offload needs gradient checkpointing: enable it first")
     for module in layers:
-        offloader.replaced.append((module, module._gradient_checkpointing_func))
-        module._gradient_checkpointing_func = offloader.checkpoint
+        offloader.replaced.append((module, set_checkpoint_function(module, offloader.checkpoint)))
     return offloader

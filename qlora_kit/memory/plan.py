@@ -50,7 +50,7 @@ from qlora_kit.memory import activations as act
 from qlora_kit.memory.budget import (RunSettings, adapted_linears, lora_tensor_numels, optimizer_state_bytes,
                                      paged_state_bytes, weight_bytes)
 from qlora_kit.memory.shapes import ModelShape
-from qlora_kit.train.loss import default_chunk_size
+from qlora_kit.train.loss import planned_chunk_size
 
 GiB = 1024**3
 MiB = 1024**2
@@ -256,7 +256,7 @@ def plan_memory(shape: ModelShape, settings: RunSettings, gpu_bytes: int, host_b
                 max_position: Optional[int] = None) -> MemoryPlan:
     """Choose what stays on the GPU for this run on this card, and say whether it fits."""
     s = settings
-    chunk = default_chunk_size(shape.vocab_size) if s.loss_chunk_size is None else s.loss_chunk_size
+    chunk = planned_chunk_size(shape.model_type, shape.vocab_size, s.loss_chunk_size)
     shortfalls = [(_shortfall(shape, s, r, o, chunk, gpu_bytes, host_bytes), (r, o))
                   for r, o in _candidates(shape, s)]
     chosen = next((candidate for short, candidate in shortfalls if short == 0), None)

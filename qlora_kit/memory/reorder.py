@@ -20,7 +20,8 @@ another order, an equally valid draw). Host RAM for the boundaries: micro-batche
 x tokens x hidden size x 2 bytes in bf16, e.g. 10.6 GB for 4 x 2048 tokens of a 70B model.
 
 No model-specific code: the driver swaps each decoder layer's `forward` for a recorder (step 1) or
-a replay of the top boundary (step 3) while the model's own forward runs. It needs decoder layers
+a replay of the top boundary (step 3) while the model's own forward runs, through
+qlora_kit/model/family.py's `replaced_forwards`. It needs decoder layers
 that take the hidden state first (or as `hidden_states`) and return it, alone or first in a tuple,
 as transformers' decoder LMs do; and no trainable parameters in the input embeddings.
 """
@@ -38,6 +39,7 @@ from qlora_kit.errors import UserError
 from qlora_kit.log import notice_once
 from qlora_kit.memory.pinned import PinnedArena
 from qlora_kit.memory.stream import LayerStreamer
+from qlora_kit.model.family import replaced_forwards
 from qlora_kit.model.targets import find_decoder_blocks
 from qlora_kit.train.loss import batch_loss_sum
 
@@ -138,7 +140,7 @@ class LayerMajorStep:
                 return (hidden,) if self.tuple_output else hidden
             return forward
 
-        with self._forwards(recorder), torch.no_grad():
+        with replaced_forwards(self.blocks, recorder), torch.no_grad():
             try:
                 batch_loss_sum(self.model, batch)
             except _StopForward:
@@ -183,7 +185,7 @@ class LayerMajorStep:
                     return (leaf,) if self.tuple_output else leaf
                 return forward
 
-            with self._forwards(replay):
+            with replaced_forwards(self.blocks, replay):
                 loss_sum = batch_loss_sum(self.model, batch)
             (loss_sum / max(step_trained, 1)).backward()
             grads.append(leaf.grad)
@@ -249,17 +251,6 @@ class LayerMajorStep:
                     layer.gradient_checkpointing = value
             if self.streamer is not None:
                 self.streamer.driven = False
-
-    @contextmanager
-    def _forwards(self, make) -> Iterator[None]:
-        """Replace every decoder layer's forward by `make(index)` for the duration."""
-        for index, layer in enumerate(self.blocks):
-            layer.forward = make(index)
-        try:
-            yield
-        finally:
-            for layer in self.blocks:
-                del layer.forward
 
 
 def layer_major_driver(model: nn.Module, streamer: Optional[LayerStreamer], enabled: bool,

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 from qlora_kit.config import ModelArguments
 from qlora_kit.errors import UserError
 from qlora_kit.model.bnb_cpu import keep_canonical_layout
+from qlora_kit.model.family import attention_for
 from qlora_kit.model.tokenizer import load_tokenizer  # noqa: F401 (callers import it from here too)
 from qlora_kit.log import notice_once
 
@@ -54,7 +55,7 @@ def load_quantized_model(
             dtype=compute_dtype,
             device_map={"": device},
             trust_remote_code=args.trust_remote_code,
-            attn_implementation=args.attn_implementation,
+            attn_implementation=attention_for(model_dir, args.attn_implementation),
         )
     except ValueError as error:
         text = " ".join(str(error).split())

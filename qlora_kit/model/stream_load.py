@@ -47,6 +47,7 @@ from qlora_kit.errors import UserError
 from qlora_kit.log import notice_once
 from qlora_kit.model.bnb_cpu import keep_canonical_layout
 from qlora_kit.model.load import load_quantized_model, quantization_config
+from qlora_kit.model.family import attention_for
 from qlora_kit.model.targets import find_decoder_blocks
 
 HOST = torch.device("cpu")
@@ -102,7 +103,7 @@ def build_empty_model(
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(
             config, dtype=compute_dtype, trust_remote_code=args.trust_remote_code,
-            attn_implementation=args.attn_implementation,
+            attn_implementation=attention_for(config, args.attn_implementation),
         )
     quantizer = Bnb4BitHfQuantizer(bnb_config)
     skip = quantizer.get_modules_to_not_convert(

@@ -1,7 +1,7 @@
 """Which Linear modules are the attention and MLP projections, for any decoder architecture.
 
-A name list per architecture goes stale with every new model, so the projections are found from
-the model itself: the decoder blocks are the largest `ModuleList` of the model, and every linear
+For a family qlora_kit knows (qlora_kit/model/family.py) the decoder layers and projections are
+the family's, checked to be there. Any other model's are found from the model itself: the decoder blocks are the largest `ModuleList` of the model, and every linear
 layer inside a block (nn.Linear, bitsandbytes' 4-bit and 8-bit layers, GPT-2's Conv1D) whose
 path runs through an attention or MLP module is a projection. MoE routers are left out.
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from qlora_kit.errors import UserError
+from qlora_kit.model.family import Family, check_structure, family_of
 
 ATTENTION_WORDS = ("attn", "attention")
 MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "experts", "moe")
@@ -44,8 +45,19 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def _family_blocks(model: nn.Module, family: Family) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks the family names, and their path in `model` (which may be a peft wrapper)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    check_structure(base, family)
+    blocks = base.get_submodule(family.layers)
+    return next(name for name, module in model.named_modules() if module is blocks), blocks
+
+
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's decoder blocks: its `ModuleList` holding the most parameters."""
+    """The model's decoder blocks: its family's, else its `ModuleList` holding the most parameters."""
+    family = family_of(model)
+    if family is not None:
+        return _family_blocks(model, family)
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if not lists:
         raise UserError(f"{type(model).__name__} has no list of decoder blocks; it is not a decoder LM qlora_kit knows")
@@ -77,6 +89,10 @@ def find_projections(model: nn.Module) -> Projections:
     """
     blocks_path, blocks = find_decoder_blocks(model)
     found = Projections(blocks_path=blocks_path, num_blocks=len(blocks))
+    family = family_of(model)
+    if family is not None:
+        found.attention, found.mlp = list(family.attention), list(family.mlp)
+        return found
     seen: list[str] = []
     for block in blocks:
         for name, module in block.named_modules():

@@ -41,7 +41,7 @@ from qlora_kit.log import logger
 from qlora_kit.train.checkpoint import (DataPosition, TrainState, best_checkpoint, checkpoints_dir, remove_leftovers,
                                         resume_training, rotate_checkpoints, save_checkpoint)
 from qlora_kit.train.guard import NonfiniteGuard, nonfinite_stop_message, refuse_nonfinite_weights
-from qlora_kit.train.loss import batch_loss_sum, count_trained_tokens
+from qlora_kit.train.loss import batch_loss_sum, check_chunked_loss, count_trained_tokens
 from qlora_kit.train.metrics import MetricsLog
 from qlora_kit.train.optim import build_optimizer, build_scheduler
 from qlora_kit.train.samples import SampleReplies
@@ -250,10 +250,14 @@ def train(
             metrics.write(row)
 
     batches = step_batches(train_dataset, args, pad_id, state.data, accelerator.process_index, accelerator.num_processes)
+    loss_checked = False
     with stop, tqdm(total=total_steps, initial=state.step, desc="training",
                     disable=not accelerator.is_main_process) as bar:
         while state.step < total_steps:
             step = next(batches)
+            if not loss_checked:  # once per run: the chunked loss against the model's own
+                check_chunked_loss(model, {k: v.to(device) for k, v in step.micro_batches[0].items()})
+                loss_checked = True
             step_trained, step_inputs = (int(n) for n in all_processes_sum(
                 accelerator, sum(count_trained_tokens(b["labels"]) for b in step.micro_batches),
                 sum(b["attention_mask"].sum() for b in step.micro_batches)))

@@ -8,27 +8,26 @@ copies. The chunked loss instead runs the decoder body (`get_decoder()` of the t
 under the peft wrapper) to get the final hidden states, keeps only the positions whose label is
 not -100, and applies lm_head to `chunk_size` of them at a time. Each chunk runs under
 non-reentrant activation checkpointing, so backward recomputes its logits: only one chunk of logits
-is ever alive, in forward or backward. The cross-entropy is fp32 as in the plain loss, and the
-model's own logit post-processing is replayed in the model's order and dtype: Gemma-2/3's final
-softcapping, Cohere's `logit_scale` and Granite's `logits_scaling`.
+is ever alive, in forward or backward. The cross-entropy is fp32 as in the plain loss, and what the
+model's forward does to the logits after lm_head is replayed in its order and dtype, from the facts
+of its family (qlora_kit/model/family.py): Gemma-2/3's final softcapping, Cohere's `logit_scale`,
+Granite's `logits_scaling`.
 
 Liger-Kernel's fused linear cross-entropy does the same in Triton, but it needs a GPU, covers a
-fixed list of architectures, and would add a dependency; this version is plain PyTorch, runs on
-CPU, and works for any decoder whose causal-LM head it can read (`logit_head`). A model whose
-forward does something to the logits this module does not know (found by reading its source) keeps
-the plain loss, and says so once. Under DistributedDataParallel the model is called through its
-wrapper (DDP needs its own forward to synchronise gradients), so the plain loss is used there too.
+fixed list of architectures, and would add a dependency; this version is plain PyTorch and runs on
+CPU. A model of a family qlora_kit does not know keeps the plain loss, and says so once; the memory
+plan is made for the plain loss then. Under DistributedDataParallel the model is called through
+its wrapper (DDP needs its own forward to synchronise gradients), so the plain loss is used there too.
+
+Facts written down can go stale when transformers rewrites a forward, so `check_chunked_loss`
+compares the chunked loss with the model's own loss once, on the first micro-batch, and stops the
+run on a mismatch rather than train on a wrong loss.
 """
 
 from __future__ import annotations
 
-import ast
-import functools
-import inspect
-import re
-import textwrap
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,16 +36,31 @@ from torch.utils.checkpoint import checkpoint
 
 from qlora_kit.data.batches import attention_implementation, model_inputs
 from qlora_kit.data.tokenize import IGNORE_INDEX
+from qlora_kit.errors import UserError
 from qlora_kit.log import notice_once
+from qlora_kit.model.family import family_for, family_of, supported_names
 
 LOSS_CHUNK_ATTRIBUTE = "qlora_kit_loss_chunk_size"
 CHUNK_LOGITS_BUDGET = 256 * 2**20  # bytes of fp32 logits per chunk, for the default chunk size
+CHECK_TOKENS = 256                 # trained positions in the first-micro-batch check
+CHECK_ATOL, CHECK_RTOL = 0.01, 0.01  # per-token loss: chunked vs the model's own, in nats
 
 
 def default_chunk_size(vocab_size: int) -> int:
     """Tokens per loss chunk: a power of two in [128, 8192] whose fp32 logits fit in 256 MiB."""
     tokens = max(1, CHUNK_LOGITS_BUDGET // (4 * vocab_size))
     return min(8192, max(128, 1 << (tokens.bit_length() - 1)))
+
+
+def planned_chunk_size(model_type: str, vocab_size: int, requested: Optional[int]) -> int:
+    """The chunk size a run of this model type will use: the request, else the default; 0 (the plain
+    loss) for a model type of no known family, which `batch_loss_sum` computes with the plain loss."""
+    if family_for(model_type) is None:
+        if requested != 0:
+            notice_once(f"model type {model_type!r} is not a known family: the memory plan is made for the plain loss "
+                        f"over full logits, which it will train with")
+        return 0
+    return default_chunk_size(vocab_size) if requested is None else requested
 
 
 def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -85,70 +99,13 @@ class LogitHead:
         return logits
 
 
-# Statements a causal-LM forward may hold between its decoder call and its loss, and what they mean.
-_HEAD_STATEMENTS: list[tuple[str, Optional[str]]] = [
-    (r"hidden_states = \w*outputs(\.last_hidden_state|\[0\])", None),
-    (r"slice_indices = .*", None),
-    (r"hidden_states = slice_logits_to_keep\(.*\)", None),
-    (r"logits = self\.lm_head\(hidden_states(\[.*\])?\)", None),
-    (r"if self\.config\.final_logit_softcapping is not None:", None),
-    (r"logits = logits / self\.config\.final_logit_softcapping", "softcap"),
-    (r"logits = torch\.tanh\(logits\)", None),
-    (r"logits = logits \* self\.config\.final_logit_softcapping", None),
-    (r"logits = logits \* self\.logit_scale", "multiply"),
-    (r"logits = logits / self\.config\.logits_scaling", "divide"),
-]
-
-
-def _flatten(statements: list[ast.stmt]) -> list[str]:
-    """Statements as normalised source lines; an `if` gives its test line and then its body."""
-    lines = []
-    for statement in statements:
-        if isinstance(statement, ast.If) and not statement.orelse:
-            lines.append(f"if {ast.unparse(statement.test)}:")
-            lines += _flatten(statement.body)
-        else:
-            lines.append(ast.unparse(statement))
-    return lines
-
-
-@functools.lru_cache(maxsize=None)
-def _head_statements(forward: Callable) -> Optional[tuple[str, ...]]:
-    """The statements from the decoder's output to the loss in a causal-LM forward, or None if unreadable.
-
-    Cached per forward function: `batch_loss_sum` asks on every micro-batch.
-    """
-    try:
-        function = ast.parse(textwrap.dedent(inspect.getsource(forward))).body[0]
-    except (OSError, TypeError, SyntaxError, IndexError):
-        return None
-    lines = _flatten(getattr(function, "body", []))
-    start = next((i for i, line in enumerate(lines) if re.match(r"hidden_states = \w*outputs", line)), None)
-    if start is None:
-        return None
-    end = next((i for i in range(start, len(lines)) if lines[i].startswith(("loss = ", "return "))), len(lines))
-    return tuple(lines[start:end])  # immutable: the cache hands the same one to every caller
-
-
 def logit_head(model: nn.Module) -> Optional[LogitHead]:
-    """The logit head of a transformers causal LM, or None if its forward holds steps not known here."""
-    statements = _head_statements(type(model).forward)
+    """The logit head of a transformers causal LM of a known family (qlora_kit/model/family.py), else None."""
+    family = family_of(model)
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if statements is None or lm_head is None or not any("lm_head" in s for s in statements):
+    if family is None or lm_head is None:
         return None
-    head = LogitHead(lm_head)
-    config = model.config
-    for statement in statements:
-        meaning = next((m for pattern, m in _HEAD_STATEMENTS if re.fullmatch(pattern, statement)), "unknown")
-        if meaning == "unknown":
-            return None
-        if meaning == "softcap":
-            head.softcap = config.final_logit_softcapping
-        elif meaning == "multiply":
-            head.multiply = float(model.logit_scale)
-        elif meaning == "divide":
-            head.divide = config.logits_scaling
-    return head
+    return LogitHead(lm_head, **family.logit_steps(model.config))
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -197,6 +154,16 @@ def _chunk_size_for(model: nn.Module, chunk_size: Optional[int]) -> int:
     return default_chunk_size(base.config.vocab_size) if chosen is None else chosen
 
 
+def _plain_reason(model: nn.Module) -> Optional[str]:
+    """Why this model keeps the plain loss even with a chunk size set, or None when it can be chunked."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return "under DistributedDataParallel the model is called through its wrapper"
+    if logit_head(causal_lm(model)) is None:
+        model_type = getattr(causal_lm(model).config, "model_type", "?")
+        return f"model type {model_type!r} is not a known family (known: {supported_names()})"
+    return None
+
+
 def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: Optional[int] = None) -> torch.Tensor:
     """Run the model on a batch and return its summed token loss.
 
@@ -208,13 +175,60 @@ def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
     """
     chunk_size = _chunk_size_for(model, chunk_size)
     head = None
-    if chunk_size > 0 and not isinstance(model, nn.parallel.DistributedDataParallel):
-        head = logit_head(causal_lm(model))
-        if head is None:
-            notice_once(f"{type(causal_lm(model)).__name__} post-processes its logits in a way the chunked loss "
-                        f"does not know: computing the plain loss over full logits")
+    if chunk_size > 0:
+        reason = _plain_reason(model)
+        if reason is not None:
+            notice_once(f"plain loss over full logits, not the chunked loss: {reason}")
+        else:
+            head = logit_head(causal_lm(model))
     inputs = model_inputs(batch, attention_implementation(model))
     if head is None:
         return token_loss_sum(model(**inputs).logits, batch["labels"])
     hidden = causal_lm(model).get_decoder()(**inputs).last_hidden_state
     return chunked_loss_sum(hidden.reshape(*batch["labels"].shape, -1), batch["labels"], head, chunk_size)
+
+
+def _check_slice(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The row of the batch with the most trained tokens, up to CHECK_TOKENS past its first trained one."""
+    trained = shifted_labels(batch["labels"]) != IGNORE_INDEX
+    row = int(trained.sum(dim=1).argmax())
+    first = int(trained[row].nonzero()[0]) if trained[row].any() else 0
+    end = min(batch["labels"].shape[1], first + CHECK_TOKENS + 1)
+    return {k: v[row:row + 1, :end] for k, v in batch.items()}
+
+
+def check_chunked_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> Optional[tuple[float, float]]:
+    """Check the chunked loss against the model's own loss (its forward with labels) on part of a batch.
+
+    Run once, on the first micro-batch, in eval mode (no dropout), without gradients, on one row cut
+    to CHECK_TOKENS trained positions so the model's full logits stay small. The two mean losses per
+    trained token must agree within CHECK_ATOL + CHECK_RTOL x |own loss|.
+
+    Returns:
+        (chunked, own) mean losses; None when the chunked loss is not in use for this model.
+
+    Raises:
+        UserError: they disagree: this transformers version computes the family's logits in a way
+            qlora_kit/model/family.py does not describe. Training stops rather than learn from a wrong loss.
+    """
+    chunk_size = _chunk_size_for(model, None)
+    if chunk_size == 0 or _plain_reason(model) is not None:
+        return None
+    part = _check_slice(batch)
+    tokens = int(count_trained_tokens(part["labels"]))
+    if tokens == 0:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            chunked = float(batch_loss_sum(model, part, chunk_size)) / tokens
+            own = float(model(**model_inputs(part, attention_implementation(model)), labels=part["labels"]).loss)
+    finally:
+        model.train(was_training)
+    if not abs(chunked - own) <= CHECK_ATOL + CHECK_RTOL * abs(own):
+        family = family_of(causal_lm(model))
+        raise UserError(f"the chunked loss of {family.name} ({chunked:.4f} per token) differs from the model's own "
+                        f"loss ({own:.4f}) on the first micro-batch, beyond {CHECK_ATOL} + {CHECK_RTOL:.0%}: this "
+                        f"transformers version changed the family's logit head; train with --loss_chunk_size 0")
+    return chunked, own
