@@ -86,6 +86,7 @@ def test_two_processes_train_as_one_with_twice_the_batch(tmp_path, model_dir):
     two = tmp_path / "two-processes"
     result = launch(TRAIN_SCRIPT, model_dir, two, "2")
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "plain loss" not in result.stderr  # the chunked loss, through the DistributedDataParallel wrapper
 
     expected, got = step_losses(one), step_losses(two)
     assert sorted(got) == [1, 2, 3, 4]  # one metrics row a step: written once, not once per process

@@ -17,7 +17,7 @@ Liger-Kernel's fused linear cross-entropy does the same in Triton, but it needs 
 fixed list of architectures, and would add a dependency; this version is plain PyTorch and runs on
 CPU. A model of a family qlora_kit does not know keeps the plain loss, and says so once; the memory
 plan is made for the plain loss then. Under DistributedDataParallel the model is called through
-its wrapper (DDP needs its own forward to synchronise gradients), so the plain loss is used there too.
+its wrapper, which synchronises the gradients (see `final_hidden_states`).
 
 Facts written down can go stale when transformers rewrites a forward, so `check_chunked_loss`
 compares the chunked loss with the model's own loss once, on the first micro-batch, and stops the
@@ -136,7 +136,8 @@ def chunked_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: LogitHead
     targets = shifted_labels(labels)
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[keep], targets[keep]
-    total = hidden.new_zeros((), dtype=torch.float32)
+    # Zero, but on the graph: a batch with no trained token (a data-parallel filler) still runs backward.
+    total = hidden.sum(dtype=torch.float32) * 0.0
     for start in range(0, targets.numel(), chunk_size):
         chunk = (hidden[start:start + chunk_size], targets[start:start + chunk_size], head)
         if torch.is_grad_enabled():
@@ -156,8 +157,6 @@ def _chunk_size_for(model: nn.Module, chunk_size: Optional[int]) -> int:
 
 def _plain_reason(model: nn.Module) -> Optional[str]:
     """Why this model keeps the plain loss even with a chunk size set, or None when it can be chunked."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return "under DistributedDataParallel the model is called through its wrapper"
     if logit_head(causal_lm(model)) is None:
         model_type = getattr(causal_lm(model).config, "model_type", "?")
         return f"model type {model_type!r} is not a known family (known: {supported_names()})"
@@ -184,8 +183,28 @@ def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
     inputs = model_inputs(batch, attention_implementation(model))
     if head is None:
         return token_loss_sum(model(**inputs).logits, batch["labels"])
-    hidden = causal_lm(model).get_decoder()(**inputs).last_hidden_state
+    hidden = final_hidden_states(model, inputs)
     return chunked_loss_sum(hidden.reshape(*batch["labels"].shape, -1), batch["labels"], head, chunk_size)
+
+
+def final_hidden_states(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The decoder body's output (after the final norm), without the logit head.
+
+    Under DistributedDataParallel the forward must go through the wrapper, which prepares the
+    gradient synchronisation: the whole model runs with lm_head applied to no position
+    (`logits_to_keep`, an empty index, a forward argument of every supported family), and a forward
+    hook on the decoder body keeps its output.
+    """
+    decoder = causal_lm(model).get_decoder()
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        return decoder(**inputs).last_hidden_state
+    kept: list[torch.Tensor] = []
+    handle = decoder.register_forward_hook(lambda module, args, output: kept.append(output.last_hidden_state))
+    try:
+        model(**inputs, logits_to_keep=torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device))
+    finally:
+        handle.remove()
+    return kept[0]
 
 
 def _check_slice(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -211,6 +230,8 @@ def check_chunked_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> Opti
         UserError: they disagree: this transformers version computes the family's logits in a way
             qlora_kit/model/family.py does not describe. Training stops rather than learn from a wrong loss.
     """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # no gradients, so no synchronisation: each process checks its own batch
     chunk_size = _chunk_size_for(model, None)
     if chunk_size == 0 or _plain_reason(model) is not None:
         return None
