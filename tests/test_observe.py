@@ -75,8 +75,9 @@ def test_each_eval_writes_sample_replies_with_their_repeat_rate(tracked_run):
 
 def test_prompts_answered_together_get_the_replies_they_get_alone(tracked_run, demo_tokenizer):
     _, model = tracked_run
+    texts = ("Hi", "Tell me about the weather in Paris today, please")
     prompts = [demo_tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                  add_generation_prompt=True)["input_ids"] for text in ("Hi", "Tell me about the weather in Paris today, please")]
+                                                  add_generation_prompt=True)["input_ids"] for text in texts]
     together = [row["reply"] for row in SampleReplies(prompts, demo_tokenizer, 6).rows(model, 0)]
     alone = [SampleReplies([ids], demo_tokenizer, 6).rows(model, 0)[0]["reply"] for ids in prompts]
     assert together == alone and any(together)
