@@ -19,7 +19,7 @@ from qlora_kit.data.dataset import build_datasets
 from qlora_kit.data.tokenize import IGNORE_INDEX
 from qlora_kit.errors import UserError
 from qlora_kit.recipes.chat import main
-from qlora_kit.train.samples import prompts_from_file, repeated_ngram_rate
+from qlora_kit.train.samples import SampleReplies, prompts_from_file, repeated_ngram_rate
 from qlora_kit.train.trackers import make_trackers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,11 +33,11 @@ def tracked_run(tmp_path_factory, demo_tokenizer):
     base = save_tiny_model(work / "base", vocab_size=len(demo_tokenizer))
     demo_tokenizer.save_pretrained(base)
     out = work / "run"
-    main(DEMO + ["--model_name_or_path", str(base), "--output_dir", str(out), "--max_steps", str(STEPS),
+    result = main(DEMO + ["--model_name_or_path", str(base), "--output_dir", str(out), "--max_steps", str(STEPS),
                  "--per_device_train_batch_size", "2", "--logging_steps", "1", "--eval_steps", str(EVAL_STEPS),
                  "--save_steps", "0", "--eval_fraction", "0.005", "--report_to", "tensorboard", "--run_name", "tb",
                  "--eval_num_prompts", str(PROMPTS), "--eval_max_new_tokens", "6"])
-    return out
+    return out, result.model
 
 
 def scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
@@ -47,6 +47,7 @@ def scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
 
 
 def test_tensorboard_holds_the_rows_of_metrics_jsonl(tracked_run):
+    tracked_run, _ = tracked_run
     rows = [json.loads(line) for line in (tracked_run / "metrics.jsonl").read_text().splitlines()]
     events = tracked_run / "tensorboard" / "tb"
     for tag, key in (("train/loss", "loss"), ("train/learning_rate", "learning_rate"), ("eval/loss", "eval_loss")):
@@ -60,6 +61,7 @@ def test_tensorboard_holds_the_rows_of_metrics_jsonl(tracked_run):
 
 
 def test_each_eval_writes_sample_replies_with_their_repeat_rate(tracked_run):
+    tracked_run, _ = tracked_run
     rows = [json.loads(line) for line in (tracked_run / "metrics.jsonl").read_text().splitlines()]
     samples = [row for row in rows if "reply" in row]
     assert [(row["step"], row["sample"]) for row in samples] == [
@@ -69,6 +71,16 @@ def test_each_eval_writes_sample_replies_with_their_repeat_rate(tracked_run):
     events = EventAccumulator(str(tracked_run / "tensorboard" / "tb"), size_guidance={"tensors": 0})
     events.Reload()
     assert {f"samples/reply_{i}/text_summary" for i in range(PROMPTS)} <= set(events.Tags()["tensors"])
+
+
+def test_prompts_answered_together_get_the_replies_they_get_alone(tracked_run, demo_tokenizer):
+    _, model = tracked_run
+    texts = ("Hi", "Tell me about the weather in Paris today, please")
+    prompts = [demo_tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                  add_generation_prompt=True)["input_ids"] for text in texts]
+    together = [row["reply"] for row in SampleReplies(prompts, demo_tokenizer, 6).rows(model, 0)]
+    alone = [SampleReplies([ids], demo_tokenizer, 6).rows(model, 0)[0]["reply"] for ids in prompts]
+    assert together == alone and any(together)
 
 
 def test_a_resumed_tensorboard_run_replaces_the_steps_after_its_checkpoint(tmp_path):

@@ -1,6 +1,6 @@
 """What the sample replies cost at an eval, against a training step and the eval loss, on the demo run.
 
-    python tools/bench_samples.py [--prompts 3] [--max_new_tokens 64] [--out bench_samples.json]
+    python tools/bench_samples.py [--prompts 3] [--max_new_tokens 64] [--eval_examples N] [--out bench_samples.json]
 
 Loads the demo model as the recipe does (NF4, gradient checkpointing, LoRA of the demo preset),
 then times, after one warm-up of each: a training step's forward and backward of one demo batch,
@@ -48,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--eval_examples", type=int, default=0, help="time the eval loss on the first N (0: all)")
     parser.add_argument("--out", default=None)
     options = parser.parse_args()
     setup_logging()
@@ -63,6 +64,8 @@ def main() -> None:
     model.train()
     batch = {k: v.to(device) for k, v in collate(
         [train_data[i] for i in range(config.train.per_device_train_batch_size)], tokenizer.pad_token_id).items()}
+    if options.eval_examples:
+        eval_data = eval_data.select(range(min(options.eval_examples, len(eval_data))))
     samples = SampleReplies(prompts_from_eval(eval_data, options.prompts), tokenizer, options.max_new_tokens)
     step = timed(lambda: batch_loss_sum(model, batch).backward())
     eval_loss = timed(lambda: evaluate(model, eval_data, config.train.per_device_eval_batch_size,

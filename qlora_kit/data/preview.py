@@ -96,7 +96,8 @@ def preview(tokenizer, train_data: Dataset, report: DataReport, count: int, colo
     colour = sys.stdout.isatty() if colour is None else colour
     examples = [segments(tokenizer, ids, labels) for ids, labels in sequences(train_data, count)]
     legend = "trained tokens in green" if colour else f"trained tokens between {OPEN} and {CLOSE}"
-    packed = packed_row_line(train_data) or "packing is off: every example is a row of its own (--packing true packs them)"
+    packed = (packed_row_line(train_data)
+              or "packing is off: every example is a row of its own (--packing true packs them)")
     parts = [report.line(), f"{len(examples)} training example(s), {legend}; special tokens shown as they are:"]
     for number, runs in enumerate(examples, 1):
         parts.append(f"--- example {number} ---\n{as_text(runs, colour)}")

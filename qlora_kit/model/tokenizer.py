@@ -1,4 +1,7 @@
-"""The model's tokenizer as every stage uses it (right padding, a pad token); importable without torch or bitsandbytes."""
+"""The model's tokenizer as every stage uses it (right padding, a pad token), in a module light to import.
+
+The data preview loads it without the model code (bitsandbytes, peft) that model/load.py imports.
+"""
 
 from __future__ import annotations
 
