@@ -223,6 +223,9 @@ class ExportArguments:
     export_dtype: Literal["bfloat16", "float16", "float32"] = _help("dtype of the merged model.", default="bfloat16")
     export_verify: bool = _help("Compare the merged model with the adapter model; writes merge_report.json.",
                                 default=False)
+    export_gguf: Optional[Literal["f16", "bf16", "q8_0"]] = _help(
+        "At the end, also write OUTPUT_DIR/gguf/model-TYPE.gguf for llama.cpp / Ollama, with weight matrices "
+        "of this type.", default=None)
 
 
 ARGUMENT_CLASSES = (ModelArguments, LoraArguments, DataArguments, TrainArguments, MemoryArguments,
