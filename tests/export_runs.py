@@ -28,13 +28,15 @@ def perturb_adapter(model, seed: int = 1, scale: float = 0.05) -> None:
 
 
 def make_run(folder: Path, architecture: str = "llama", compute_dtype: torch.dtype = torch.float32,
-             base_dtype: torch.dtype = torch.bfloat16, tokenizer=None, model_overrides: Optional[dict] = None, **lora):
+             base_dtype: torch.dtype = torch.bfloat16, tokenizer=None, model_overrides: Optional[dict] = None,
+             scale: float = 0.05, **lora):
     """Write folder/base and folder/run; return (base_dir, run_dir, the adapter model in eval mode).
 
-    `model_overrides` change the tiny model's config; `lora` the LoraArguments.
+    `model_overrides` change the tiny model's config; `scale` sets the size of the adapter's B; `lora` the
+    LoraArguments.
     """
     base = save_tiny_model(folder / "base", architecture, dtype=base_dtype, **(model_overrides or {}))
-    return adapt_and_save(base, folder / "run", compute_dtype, tokenizer, **lora)
+    return adapt_and_save(base, folder / "run", compute_dtype, tokenizer, scale, **lora)
 
 
 def adapt_and_save(base: Path, run: Path, compute_dtype: torch.dtype = torch.float32, tokenizer=None,
