@@ -4,6 +4,7 @@ transformers' GGUF loader parses every token and merge of the file in Python (te
 demo's 49k vocabulary), so each file is read back once, and the tokenizer once.
 """
 
+import gguf
 import pytest
 import torch
 
@@ -42,8 +43,6 @@ def test_the_f16_gguf_computes_and_tokenizes_as_the_merged_model(demo_run):
 
 
 def test_the_q8_0_gguf_stays_within_its_own_floor(demo_run):
-    import gguf
-
     merged, files = demo_run
     report = compare_with_merged(files["q8_0"], merged, "q8_0", check_tokenizer=False)
     assert report["within_floor"], report
@@ -53,6 +52,7 @@ def test_the_q8_0_gguf_stays_within_its_own_floor(demo_run):
     assert fields["tokenizer.ggml.model"].contents() == "gpt2" and fields["tokenizer.ggml.pre"].contents() == "smollm"
     assert "<|im_start|>" in fields["tokenizer.chat_template"].contents()
     assert fields["tokenizer.ggml.eos_token_id"].contents() == 2
+    assert (files["q8_0"].parent / "Modelfile").read_text() == "FROM ./model-q8_0.gguf\n"
     assert not list(files["q8_0"].parent.parent.glob(".*partial*"))
 
 
@@ -72,3 +72,13 @@ def test_a_family_the_exporter_does_not_know_is_refused_before_writing(tmp_path,
         export_main(["--adapter_dir", str(run), "--output_dir", str(out), "--format", "gguf"])
     assert exit_info.value.code == 2 and not out.exists()
     assert "GGUF export supports the llama, mistral, qwen2 families; this model is phi3" in capsys.readouterr().err
+
+
+def test_the_recipe_export_writes_the_gguf_beside_the_run(tmp_path, demo_tokenizer):
+    from qlora_kit.config import ExportArguments
+    from qlora_kit.export.cli import export_run
+
+    _, run, _ = make_run(tmp_path, "qwen2", tokenizer=demo_tokenizer, model_overrides={"vocab_size": 49152})
+    (result,) = export_run(run, ExportArguments(export_gguf="bf16"))
+    assert result.output_dir == run / "gguf" and not (run / "merged").exists()
+    assert (run / "gguf" / gguf_file_name("bf16")).read_bytes()[:4] == b"GGUF"

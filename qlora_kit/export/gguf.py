@@ -196,7 +196,7 @@ def write_gguf(path: Path, writer: gguf.GGUFWriter, tensors: list[GgufTensor], m
 
 
 def export_gguf(options: MergeOptions, gguf_type: GgufType, settings: Optional[RunSettings] = None) -> MergeResult:
-    """Merge the adapter into its base and write `options.output_dir`/model-TYPE.gguf.
+    """Merge the adapter into its base and write `options.output_dir`/model-TYPE.gguf (and an Ollama Modelfile).
 
     Every check a user's input can fail runs before the first byte is written, and nothing named
     `output_dir` exists until the file is complete.
@@ -222,6 +222,7 @@ def export_gguf(options: MergeOptions, gguf_type: GgufType, settings: Optional[R
     with staged_output(options.output_dir) as partial:
         merger = Merger(TensorSource(), adapter, settings, options, device)
         write_gguf(partial / gguf_file_name(gguf_type), writer, tensors, merger)
+        (partial / "Modelfile").write_text(f"FROM ./{gguf_file_name(gguf_type)}\n")  # ollama create NAME -f Modelfile
         fsync_files(partial)
     seconds = time.perf_counter() - started
     logger.info(f"wrote {options.output_dir / gguf_file_name(gguf_type)}: {len(adapter.lora_modules)} LoRA modules "
