@@ -66,9 +66,8 @@ def pre_tokenizer_name(family: str, vocab_size: int) -> str:
     return name
 
 
-def _byte_level_tokens(folder: Path, vocab_size: int) -> tuple[list[str], list[int]]:
+def _byte_level_tokens(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     """Tokens and their types as llama.cpp's converter lists them (ids without a token become [PADn])."""
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
@@ -111,8 +110,9 @@ def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, family: str, vocab_size
     kind = tokenizer_kind(folder)
     writer.add_tokenizer_model(kind)
     if kind == "gpt2":
-        tokens, types = _byte_level_tokens(folder, vocab_size)
-        writer.add_tokenizer_pre(pre_tokenizer_name(family, len(AutoTokenizer.from_pretrained(folder))))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokens, types = _byte_level_tokens(tokenizer, vocab_size)
+        writer.add_tokenizer_pre(pre_tokenizer_name(family, len(tokenizer)))
     else:
         tokens, scores, types = _byte_fallback_tokens(folder, vocab_size)
         writer.add_tokenizer_pre("default")
