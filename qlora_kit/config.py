@@ -241,6 +241,37 @@ class ExportArguments:
     export_dtype: Literal["bfloat16", "float16", "float32"] = _help("dtype of the merged model.", default="bfloat16")
     export_verify: bool = _help("Compare the merged model with the adapter model; writes merge_report.json.",
                                 default=False)
+    export_gguf: Optional[Literal["f16", "bf16", "q8_0"]] = _help(
+        "At the end, also write OUTPUT_DIR/gguf/model-TYPE.gguf for llama.cpp / Ollama, with weight matrices "
+        "of this type.", default=None)
+
+
+@dataclass
+class GenerateArguments:
+    """Flags of `python -m qlora_kit.recipes.generate`: chat with, or batch-run, a trained model."""
+
+    adapter_dir: Optional[str] = _help(
+        "A run folder (adapter + run_config.yaml): its NF4 base with the adapter, loaded as training loaded it. "
+        "Default: the demo's run folder (runs/demo) when no --model_name_or_path is given.", default=None)
+    model_name_or_path: Optional[str] = _help(
+        "A merged model folder or a base model (path, hub id or built-in demo name) to run alone; with "
+        "--adapter_dir, the base to put the adapter on (checked against the run's fingerprint).", default=None)
+    prompts: Optional[str] = _help("A JSONL file of prompts ({\"prompt\": ...} or {\"messages\": [...]} per "
+                                   "line) to answer in batches; without it, an interactive chat.", default=None)
+    output: Optional[str] = _help("With --prompts: the JSONL file of answers (default: print them).", default=None)
+    compare_base: bool = _help("Also answer with the adapter disabled (the base model), side by side.",
+                               default=False)
+    max_new_tokens: int = _help("Most tokens generated per answer.", default=256)
+    do_sample: bool = _help("Sample (with --temperature and --top_p); default greedy, so answers are "
+                            "reproducible.", default=False)
+    temperature: float = _help("Sampling temperature (with --do_sample true).", default=0.7)
+    top_p: float = _help("Nucleus sampling mass (with --do_sample true).", default=0.9)
+    batch_size: int = _help("Prompts generated together with --prompts.", default=8)
+    system: Optional[str] = _help("A system message put before every chat and prompt.", default=None)
+    seed: int = _help("Random seed (for --do_sample true).", default=42)
+    resident_layers: int = _help(
+        "Decoder layers kept on the GPU (the rest stream from host RAM); -1: as the run's memory plan had it.",
+        default=-1)
 
 
 ARGUMENT_CLASSES = (ModelArguments, LoraArguments, DataArguments, TrainArguments, MemoryArguments,
@@ -422,6 +453,10 @@ NUMERIC_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval_max_new_tokens": (lambda v: v >= 1, "at least 1"),
     "resident_layers": (lambda v: v >= -1, "-1 (the plan decides) or a number of layers"),
     "layers_in_flight": (lambda v: v >= 1, "at least 1"),
+    "max_new_tokens": (lambda v: v >= 1, "at least 1"),
+    "temperature": (lambda v: v > 0, "positive"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
 }
 
 

@@ -18,7 +18,9 @@ parser.add_argument("--work_dir", default="/tmp/qlora-kit-export-bench", help="S
 parser.add_argument("--preset", choices=sorted(PRESETS), default="llama-1.5b", help="Model shape.")
 parser.add_argument("--num_layers", type=int, default=None, help="Decoder layers (default: the preset's).")
 parser.add_argument("--max_shard_size", default="1GB", help="Shard size of the base and the merged model.")
-parser.add_argument("--modes", default="original,nf4", help="Merge bases to time, comma-separated.")
+parser.add_argument("--modes", default="original,nf4",
+                    help="Merge bases to time, comma-separated; gguf-f16, gguf-bf16, gguf-q8_0: a GGUF export "
+                    "(merge base original) of that type.")
 parser.add_argument("--out", default=None, help="Also write the JSON report here.")
 
 if __name__ == "__main__":

@@ -75,8 +75,12 @@ def run_benchmark(work_dir: Path, preset: str = "llama-1.5b", num_layers: Option
               "make_seconds": time.perf_counter() - started, "cpu_threads": torch.get_num_threads(), "merges": {}}
     try:
         report["cp_seconds"] = copy_seconds(base, work_dir / "copy")
+        if any(mode.startswith("gguf-") for mode in modes):
+            _give_tokenizer(run)
         for mode in modes:
-            figures = measure_merge(run, work_dir / f"merged-{mode}", mode, max_shard_size)
+            gguf_options = {"gguf_type": mode.removeprefix("gguf-")} if mode.startswith("gguf-") else {}
+            merge_base = "original" if gguf_options else mode
+            figures = measure_merge(run, work_dir / f"merged-{mode}", merge_base, max_shard_size, **gguf_options)
             figures["ratio_to_cp"] = figures["seconds"] / report["cp_seconds"]
             figures["rss_bound_bytes"] = memory_bound(figures["largest_tensor_bytes"])
             figures["within_rss_bound"] = figures["peak_rss_bytes"] < figures["rss_bound_bytes"]
@@ -86,6 +90,14 @@ def run_benchmark(work_dir: Path, preset: str = "llama-1.5b", num_layers: Option
         if not keep:
             shutil.rmtree(work_dir, ignore_errors=True)
     return report
+
+
+def _give_tokenizer(run: Path) -> None:
+    """A GGUF file carries a tokenizer: the random run gets the demo model's."""
+    from qlora_kit.model.load import load_tokenizer
+    from qlora_kit.sources import demo_model_dir
+
+    load_tokenizer(demo_model_dir()).save_pretrained(run)
 
 
 def gpu_check(work_dir: Path, num_layers: Optional[int] = 8, tiny: bool = False) -> dict:
@@ -132,12 +144,18 @@ def _child(options_json: str) -> None:
 
     setup_logging()
     values = json.loads(options_json)
+    gguf_type = values.pop("gguf_type", None)
     options = MergeOptions(**{**values, "adapter_dir": Path(values["adapter_dir"]),
                               "output_dir": Path(values["output_dir"])})
     rss_before = psutil.Process().memory_info().rss
-    result = export_merged(options)
+    if gguf_type is not None:
+        from qlora_kit.export.gguf import export_gguf
+
+        result = export_gguf(options, gguf_type)
+    else:
+        result = export_merged(options)
     figures = {**asdict(result), "output_dir": str(result.output_dir), "merge_base": options.merge_base,
-               "rss_before_bytes": rss_before, "peak_rss_bytes": peak_rss_bytes()}
+               "gguf_type": gguf_type, "rss_before_bytes": rss_before, "peak_rss_bytes": peak_rss_bytes()}
     if torch.cuda.is_available() and result.device == "cuda":
         figures["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
         figures["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()

@@ -9,12 +9,13 @@ from typing import Literal, Optional
 
 from qlora_kit import interrupts
 from qlora_kit.config import ExportArguments, _help, _Parser
-from qlora_kit.errors import exit_on_user_error
+from qlora_kit.errors import UserError, exit_on_user_error
 from qlora_kit.export.merge import MergeOptions, MergeResult, choose_device, export_merged, settings_for
 from qlora_kit.log import setup_logging
 from qlora_kit.model.load import DTYPES
 
 MERGED_SUBFOLDER = "merged"
+GGUF_SUBFOLDER = "gguf"
 
 
 @dataclass
@@ -37,7 +38,13 @@ class MergeArguments:
     bnb_4bit_use_double_quant: Optional[bool] = _help(
         "Whether training double-quantized the NF4 scales (default: from run_config.yaml; without one, required "
         "for --merge_base nf4 and --verify).", default=None)
-    verify: bool = _help("Compare the merged model with the adapter model; writes merge_report.json.", default=False)
+    format: Literal["hf", "gguf"] = _help(
+        "hf: a transformers model folder (sharded safetensors). gguf: one .gguf file for llama.cpp / Ollama "
+        "(Llama, SmolLM, Mistral, Qwen2 families), written into --output_dir.", default="hf")
+    gguf_type: Literal["f16", "bf16", "q8_0"] = _help(
+        "With --format gguf: the type of the weight matrices (norms stay float32).", default="f16")
+    verify: bool = _help("Compare the merged model with the adapter model; writes merge_report.json. "
+                         "(--format hf only; check a GGUF with tools/check_gguf.py.)", default=False)
     overwrite: bool = _help("Replace a non-empty --output_dir (only once the new model is complete).", default=False)
     allow_other_base: bool = _help(
         "Merge onto --base_model even though it is not the model the run recorded (its fingerprint differs); "
@@ -62,8 +69,16 @@ def options_from(args: MergeArguments) -> MergeOptions:
     )
 
 
-def merge_and_verify(options: MergeOptions, verify: bool) -> MergeResult:
-    """Export, then (if asked) compare the merged model with the adapter model."""
+def merge_and_verify(options: MergeOptions, verify: bool, gguf_type: Optional[str] = None) -> MergeResult:
+    """Export (an HF folder, or a GGUF file when `gguf_type` is given), then (if asked) compare the merged
+    model with the adapter model."""
+    if gguf_type is not None:
+        if verify:
+            raise UserError("--verify compares an HF folder with the adapter model; with --format gguf, export "
+                            "--format hf too and compare them with tools/check_gguf.py")
+        from qlora_kit.export.gguf import export_gguf  # imports gguf: only when asked
+
+        return export_gguf(options, gguf_type)
     # With --verify its refusals come before anything is written; resolved once, as it fingerprints the base.
     settings = settings_for(options, verify=True) if verify else None
     result = export_merged(options, settings)
@@ -75,11 +90,18 @@ def merge_and_verify(options: MergeOptions, verify: bool) -> MergeResult:
     return result
 
 
-def export_run(run_dir: Path, args: ExportArguments) -> MergeResult:
-    """The recipe's export: RUN/merged, replaced if an earlier export of this run is there."""
-    options = MergeOptions(adapter_dir=run_dir, output_dir=run_dir / MERGED_SUBFOLDER, merge_base=args.export_merge_base,
-                           dtype=DTYPES[args.export_dtype], overwrite=True)
-    return merge_and_verify(options, args.export_verify)
+def export_run(run_dir: Path, args: ExportArguments) -> list[MergeResult]:
+    """The recipe's exports: RUN/merged and/or RUN/gguf, each replaced if an earlier export of this run is there."""
+    results = []
+    if args.export_merged:
+        options = MergeOptions(adapter_dir=run_dir, output_dir=run_dir / MERGED_SUBFOLDER,
+                               merge_base=args.export_merge_base, dtype=DTYPES[args.export_dtype], overwrite=True)
+        results.append(merge_and_verify(options, args.export_verify))
+    if args.export_gguf:
+        options = MergeOptions(adapter_dir=run_dir, output_dir=run_dir / GGUF_SUBFOLDER,
+                               merge_base=args.export_merge_base, overwrite=True)
+        results.append(merge_and_verify(options, False, args.export_gguf))
+    return results
 
 
 @exit_on_user_error
@@ -88,4 +110,4 @@ def main(argv: Optional[list[str]] = None) -> MergeResult:
     args = parse(sys.argv[1:] if argv is None else argv)
     interrupts.stage("merging the adapter into its base model", f"--output_dir {args.output_dir} was left as it "
                      f"was; run the same command to start again")
-    return merge_and_verify(options_from(args), args.verify)
+    return merge_and_verify(options_from(args), args.verify, args.gguf_type if args.format == "gguf" else None)

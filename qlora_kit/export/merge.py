@@ -258,6 +258,31 @@ def settings_for(options: MergeOptions, verify: bool) -> RunSettings:
                         options.allow_other_base, quantization_needed=verify or options.merge_base == "nf4")
 
 
+@dataclass
+class MergePlan:
+    """What every export resolves before writing: the adapter, the run's settings, the device, the base, the jobs."""
+
+    adapter: LoraAdapter
+    settings: RunSettings
+    device: torch.device
+    base: BaseLayout
+    jobs: list[TensorJob]
+    untie: bool
+
+
+def plan_merge(options: MergeOptions, settings: Optional[RunSettings] = None) -> MergePlan:
+    """Resolve and check everything a merge needs, and say the merge's choices; nothing is written."""
+    adapter = LoraAdapter(options.adapter_dir)
+    settings = settings or settings_for(options, verify=False)
+    device = choose_device(options.device)
+    check_output_folder(options.output_dir, {"base model": settings.base_dir, "adapter": options.adapter_dir},
+                        options.overwrite)
+    base = describe_base(settings.base_dir, settings.compute_dtype, settings.double_quant, settings.trust_remote_code)
+    jobs, untie = plan_jobs(base, adapter, options)
+    _say_choices(options, settings, device)
+    return MergePlan(adapter, settings, device, base, jobs, untie)
+
+
 def export_merged(options: MergeOptions, settings: Optional[RunSettings] = None) -> MergeResult:
     """Merge the adapter in `options.adapter_dir` into its base and write `options.output_dir`.
 
@@ -269,14 +294,9 @@ def export_merged(options: MergeOptions, settings: Optional[RunSettings] = None)
         settings: the run's settings when the caller resolved them already (`settings_for`).
     """
     started = time.perf_counter()
-    adapter = LoraAdapter(options.adapter_dir)
-    settings = settings or settings_for(options, verify=False)
-    device = choose_device(options.device)
-    check_output_folder(options.output_dir, {"base model": settings.base_dir, "adapter": options.adapter_dir},
-                        options.overwrite)
-    base = describe_base(settings.base_dir, settings.compute_dtype, settings.double_quant, settings.trust_remote_code)
-    jobs, untie = plan_jobs(base, adapter, options)
-    _say_choices(options, settings, device)
+    plan = plan_merge(options, settings)
+    adapter, settings, device, base, jobs, untie = (plan.adapter, plan.settings, plan.device, plan.base, plan.jobs,
+                                                    plan.untie)
     try:
         shards = plan_shards([job.spec for job in jobs], options.max_shard_size)
     except ValueError:

@@ -144,7 +144,7 @@ def run(config: RunConfig) -> Optional[RunResult]:
         interrupts.stage("saving the adapter", f"the newest checkpoint in {run_dir / 'checkpoints'} holds the "
                          f"trained adapter: run the same command with --resume_from_checkpoint latest to save it")
         finish_run(run_dir, accelerator.unwrap_model(model))
-        if config.export.export_merged:
+        if config.export.export_merged or config.export.export_gguf:
             interrupts.stage("exporting the merged model", f"the adapter in {run_dir} is complete: export it with "
                              f"python tools/export_merged.py --adapter_dir {run_dir} --output_dir {run_dir / 'merged'}")
             export_run(run_dir, config.export)
