@@ -1,22 +1,26 @@
 """Every supported family, from a tiny random config: its facts hold, NF4 + LoRA on every projection
 (fused ones too), the chunked loss equals the model's own, streaming and layer-major order change
-nothing, and --verify passes a correct merge and flags a wrong one."""
+nothing, a resumed run is bit-identical to a straight one, and --verify passes a correct merge and flags a
+wrong one."""
 
 import json
+from dataclasses import replace
 
 import bitsandbytes as bnb
 import pytest
 import torch
 
+from qlora_kit.config import LoraArguments, TrainArguments
 from qlora_kit.export.cli import main as export_main
 from qlora_kit.memory.reorder import LayerMajorStep
 from qlora_kit.model.family import (FAMILIES, check_structure, family_of, replaced_forwards, set_checkpoint_function,
                                      sliding_window_layers)
 from qlora_kit.train.loss import check_chunked_loss, logit_head, set_loss_chunk_size
+from qlora_kit.train.resilience import compare_runs, synthetic_dataset, train_once
 from export_runs import make_run
 from stream_models import CPU, lora_model, one_thread  # noqa: F401 - one_thread is an autouse fixture
 from test_stream_reorder import lora_grads, micro_batches, plain_step
-from tiny_models import VOCAB, FAMILY_ARCHITECTURES, tiny_chat_tokenizer, tiny_config, tiny_model
+from tiny_models import VOCAB, FAMILY_ARCHITECTURES, save_tiny_model, tiny_chat_tokenizer, tiny_config, tiny_model
 
 LAYERS = 3
 FAMILIES_TESTED = sorted(FAMILY_ARCHITECTURES)
@@ -128,3 +132,21 @@ def test_the_layer_wrappers_check_and_give_back():
             with replaced_forwards(layers, lambda index: None):
                 pass
     assert "forward" not in vars(layers[1]) and "forward" not in vars(layers[0])
+
+
+@pytest.mark.parametrize("architecture", FAMILIES_TESTED)
+def test_a_resumed_run_is_bit_identical_to_a_straight_one(architecture, tmp_path):
+    """Dropout, gradient checkpointing, accumulation and warmup; stopped at step 2 of 4 and resumed."""
+    overrides = dict(FAMILY_ARCHITECTURES[architecture], num_hidden_layers=2)
+    model_dir = save_tiny_model(tmp_path / "model", architecture, **overrides)
+    data = synthetic_dataset(16, 32, VOCAB)
+    lora = LoraArguments(lora_r=4, lora_alpha=8, lora_dropout=0.1)
+    args = TrainArguments(max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3,
+                          warmup_ratio=0.25, logging_steps=1, save_steps=2, optim="adamw_torch")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_once(model_dir, data, replace(args, output_dir=str(straight)), lora, CPU)
+    train_once(model_dir, data, replace(args, output_dir=str(resumed)), lora, CPU,
+               resume_dir=straight / "checkpoints" / "step-2")
+    comparison = compare_runs(straight, resumed, 4)
+    assert comparison["steps_compared"] == [1, 2, 3, 4] and comparison["losses_identical"], comparison
+    assert comparison["adapter_model_bytes_identical"] and comparison["optimizer_bytes_identical"], comparison
