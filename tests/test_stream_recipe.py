@@ -20,7 +20,7 @@ def recipe(model_dir, out, *extra):
     argv = ["--model_name_or_path", str(model_dir), "--output_dir", str(out), "--max_steps", "2",
             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "3", "--max_seq_length", "64",
             "--lora_dropout", "0", "--learning_rate", "1e-2", "--warmup_ratio", "0", "--eval_fraction", "0.01",
-            "--logging_steps", "1", "--save_steps", "0", "--optim", "adamw_torch", *extra]
+            "--logging_steps", "1", "--save_steps", "0", "--optim", "adamw_torch", "--eval_num_prompts", "0", *extra]
     return run(parse(argv))
 
 
