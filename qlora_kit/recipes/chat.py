@@ -85,9 +85,10 @@ def run(config: RunConfig) -> Optional[RunResult]:
     # Setup: every check a user's input can fail comes before anything is written.
     run_dir = Path(config.train.output_dir)
     resume_dir = check_output_dir(run_dir, config.train)
-    accelerator = Accelerator(log_with=make_trackers(
-        check_report_to(config.train.report_to), run_dir, config.train.run_name or run_dir.resolve().name,
-        config.train.project, resume_dir and checkpoint_step(resume_dir)))
+    trackers = make_trackers(check_report_to(config.train.report_to), run_dir,
+                             config.train.run_name or run_dir.resolve().name, config.train.project,
+                             resume_dir and checkpoint_step(resume_dir))
+    accelerator = Accelerator(log_with=trackers or None)  # an empty list makes accelerate warn of no trackers
     model_dir, tokenizer, train_data, eval_data, data_report = load_data(config)
     logger.info(data_report.line())
     samples = sample_replies(config.train, tokenizer, eval_data)  # reads --eval_prompts before the model loads
