@@ -1,3 +1,4 @@
+import logging
 import sys
 from pathlib import Path
 
@@ -46,3 +47,24 @@ def demo_tokenizer(demo_model_dir):
     from qlora_kit.model.load import load_tokenizer
 
     return load_tokenizer(demo_model_dir)
+
+
+@pytest.fixture()
+def said():
+    """The messages qlora_kit logs during the test (INFO and up), as a list of `logging.LogRecord`.
+
+    The handler sits on the qlora_kit logger itself: once a command has run `setup_logging`, that logger no
+    longer propagates, and pytest's caplog misses a non-propagating logger in pytest 9.0 and earlier.
+    """
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("qlora_kit")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

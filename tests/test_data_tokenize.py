@@ -98,12 +98,11 @@ def test_cut_and_drop_policies(tokenizer):
         tokenize_conversation(tokenizer, THREE_EXCHANGES, max_seq_length=40, truncation="drop")
 
 
-def test_no_chat_template_means_chatml_said_once(tokenizer, caplog):
+def test_no_chat_template_means_chatml_said_once(tokenizer, said):
     tokenizer.chat_template = None
-    with caplog.at_level("INFO", logger="qlora_kit"):
-        ensure_chat_template(tokenizer)
+    ensure_chat_template(tokenizer)
     assert tokenizer.chat_template == CHATML_TEMPLATE
-    assert "no chat template: using ChatML" in caplog.text
+    assert any("no chat template: using ChatML" in r.getMessage() for r in said)
     tokenized = tokenize_conversation(tokenizer, THREE_EXCHANGES[:2], 512)
     assert trained_text(tokenizer, tokenized) == "It is sunny.<|im_end|>\n"
 

@@ -1,7 +1,6 @@
 """The user's folders are safe: refusals before any write, a complete folder or none, room on disk checked first."""
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -137,7 +136,7 @@ def test_a_partial_folder_left_by_a_killed_export_is_removed(run, capsys, tmp_pa
     assert code == 0 and [p.name for p in tmp_path.iterdir()] == ["merged"]
 
 
-def test_partial_folders_of_dead_exports_are_removed_and_named_and_live_ones_kept(run, capsys, tmp_path):
+def test_partial_folders_of_dead_exports_are_removed_and_named_and_live_ones_kept(run, capsys, tmp_path, said):
     finished = subprocess.run([sys.executable, "-c", "import os, time; print(os.getpid(), time.time())"],
                               capture_output=True, text=True)
     dead_pid, dead_started = finished.stdout.split()
@@ -151,16 +150,9 @@ def test_partial_folders_of_dead_exports_are_removed_and_named_and_live_ones_kep
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.safetensors").write_bytes(b"x" * 1000)
         (tmp_path / name / ".owner").write_text(json.dumps({"pid": pid, "started": started}))
-    said = []
-    handler = logging.Handler()
-    handler.emit = lambda record: said.append(record.getMessage())
-    logging.getLogger("qlora_kit").addHandler(handler)
-    try:
-        code, _ = export(capsys, "--adapter_dir", str(run[1]), "--output_dir", str(tmp_path / "merged"))
-    finally:
-        logging.getLogger("qlora_kit").removeHandler(handler)
+    code, _ = export(capsys, "--adapter_dir", str(run[1]), "--output_dir", str(tmp_path / "merged"))
     assert code == 0 and sorted(p.name for p in tmp_path.iterdir()) == [".busy.partial-3", "merged"]
-    removed = [line for line in said if line.startswith("removed ")]
+    removed = [r.getMessage() for r in said if r.getMessage().startswith("removed ")]
     assert removed == [f"removed {tmp_path / name} (0.0 MB), left by an export that was killed"
                        for name in (".merged.partial-2", ".other.partial-1")]
     assert not (tmp_path / "merged" / ".owner").exists()

@@ -39,21 +39,20 @@ def test_a_gguf_file_trains_through_the_recipe_and_exports(tiny_gguf, tmp_path):
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 2
 
 
-def test_converted_once_per_file_content(tiny_gguf, tmp_path, caplog):
-    folder = resolve_model(str(tiny_gguf))
-    with caplog.at_level("INFO", logger="qlora_kit"):
-        assert resolve_model(str(tiny_gguf)) == folder  # the cached folder: no conversion
-    assert not any("converting" in r.message for r in caplog.records)
+def test_converted_once_per_file_content(tiny_gguf, tmp_path, said):
+    folder = resolve_model(str(tiny_gguf))  # converts it, or finds the folder an earlier test converted
+    said.clear()
+    assert resolve_model(str(tiny_gguf)) == folder  # the cached folder: no conversion
+    assert not any("converting" in r.getMessage() for r in said)
     other = write_tiny_gguf(tmp_path / "tiny.gguf", seed=1)  # another file of the same name
     assert resolve_model(str(other)) != folder
     assert "<|im_start|>" in load_tokenizer(folder).chat_template  # the GGUF's own template
 
 
-def test_a_gguf_without_a_chat_template_gets_chatml_and_says_so(tmp_path, caplog):
+def test_a_gguf_without_a_chat_template_gets_chatml_and_says_so(tmp_path, said):
     path = write_tiny_gguf(tmp_path / "bare.gguf", chat_template=False, seed=2)
-    with caplog.at_level("INFO", logger="qlora_kit"):
-        folder = resolve_model(str(path))
-    assert any("holds no chat template: its HF folder gets ChatML" in r.message for r in caplog.records)
+    folder = resolve_model(str(path))
+    assert any("holds no chat template: its HF folder gets ChatML" in r.getMessage() for r in said)
     assert load_tokenizer(folder).chat_template.startswith("{%")
 
 

@@ -9,7 +9,6 @@ import torch
 from cli import run_main
 from qlora_kit.config import parse
 from qlora_kit.errors import UserError
-from qlora_kit.log import logger
 from qlora_kit.memory.apply import apply_memory_settings, plan_for_config, plan_for_run
 from qlora_kit.memory.plan import GiB
 from qlora_kit.recipes.chat import main
@@ -31,16 +30,6 @@ def test_recipe_refuses_a_run_that_cannot_fit(tmp_path, demo_model_dir, capsys):
     assert "Traceback" not in result.stderr and not out.exists()
 
 
-@pytest.fixture()
-def captured():
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
-
-
 def between_offload_and_not(folder):
     """A GPU size where the run fits only with activation offload."""
     base = ["--model_name_or_path", str(folder), "--max_seq_length", "2048", "--per_device_train_batch_size", "4"]
@@ -50,7 +39,7 @@ def between_offload_and_not(folder):
     return base, (moved.predicted_peak_gpu_bytes + kept.predicted_peak_gpu_bytes) // 2
 
 
-def test_a_user_setting_that_does_not_fit_is_kept_with_a_warning(tmp_path, captured):
+def test_a_user_setting_that_does_not_fit_is_kept_with_a_warning(tmp_path, said):
     folder = save_tiny_model(tmp_path / "llama", "llama", num_hidden_layers=8, vocab_size=256)
     base, gpu = between_offload_and_not(folder)
     size = f"{gpu / GiB:.6f}GiB"
@@ -59,7 +48,7 @@ def test_a_user_setting_that_does_not_fit_is_kept_with_a_warning(tmp_path, captu
     forced = plan_for_run(parse(base + ["--gpu_memory", size, "--offload_activations", "false"]), folder, CPU,
                           torch.float32, torch.float32)
     assert not forced.fits and not forced.offload_activations
-    warnings = [r.getMessage() for r in captured if r.levelno == logging.WARNING]
+    warnings = [r.getMessage() for r in said if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "--offload_activations false" in warnings[0] and "offload_activations=true" in warnings[0]
     with pytest.raises(UserError, match="does not fit"):
         plan_for_run(parse(base + ["--gpu_memory", "1MiB"]), folder, CPU, torch.float32, torch.float32)
