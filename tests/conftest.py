@@ -44,7 +44,7 @@ def demo_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_tokenizer(demo_model_dir):
-    from qlora_kit.model.load import load_tokenizer
+    from qlora_kit.model.tokenizer import load_tokenizer
 
     return load_tokenizer(demo_model_dir)
 

@@ -19,7 +19,7 @@ from qlora_kit.train.checkpoint import (MANIFEST, CheckpointDamaged, TrainState,
                                         list_checkpoints, remove_leftovers, resolve_resume_dir, rotate_checkpoints,
                                         save_checkpoint, validate_checkpoint)
 from qlora_kit.train.optim import build_optimizer, build_scheduler
-from qlora_kit.train.resilience import synthetic_dataset, train_once, write_random_llama, write_stepped_checkpoint
+from qlora_kit.bench.resilience import synthetic_dataset, train_once, write_random_llama, write_stepped_checkpoint
 
 CPU = torch.device("cpu")
 LORA = LoraArguments(lora_r=8, lora_alpha=16, lora_dropout=0.1)
@@ -154,7 +154,7 @@ FAILING_WRITE = textwrap.dedent("""
     import torch
     from qlora_kit.config import LoraArguments, TrainArguments
     from qlora_kit.errors import exit_on_user_error
-    from qlora_kit.train.resilience import synthetic_dataset, train_once
+    from qlora_kit.bench.resilience import synthetic_dataset, train_once
 
     @exit_on_user_error
     def main(model_dir, run):

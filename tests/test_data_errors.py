@@ -192,7 +192,7 @@ import json, resource, sys
 from pathlib import Path
 from qlora_kit.config import DataArguments
 from qlora_kit.data.dataset import build_datasets
-from qlora_kit.model.load import load_tokenizer
+from qlora_kit.model.tokenizer import load_tokenizer
 folder, model_dir, huge_chars = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 good = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
 rows = [good] * 6

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from qlora_kit.config import LoraArguments, TrainArguments, parse
 from qlora_kit.output import resume_differences
 from qlora_kit.data.batches import process_share
-from qlora_kit.train.resilience import step_losses, synthetic_dataset, train_once, write_random_llama
+from qlora_kit.bench.resilience import step_losses, synthetic_dataset, train_once, write_random_llama
 
 # 13 examples in global batches of 4: the last batch of each epoch holds one, so one process gets a filler.
 EXAMPLES, LENGTH, VOCAB = 13, 32, 512
@@ -31,7 +31,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 import torch
-from qlora_kit.train.resilience import synthetic_dataset, train_once
+from qlora_kit.bench.resilience import synthetic_dataset, train_once
 sys.path.insert(0, sys.argv[3])
 from test_data_parallel import ARGS, EXAMPLES, LENGTH, LORA, VOCAB
 args = replace(ARGS, output_dir=sys.argv[2], per_device_train_batch_size=int(sys.argv[4]))
@@ -45,7 +45,7 @@ from dataclasses import replace
 from pathlib import Path
 import torch
 from qlora_kit.config import LoraArguments
-from qlora_kit.train.resilience import synthetic_dataset, train_once
+from qlora_kit.bench.resilience import synthetic_dataset, train_once
 sys.path.insert(0, sys.argv[3])
 from test_data_parallel import ARGS, EXAMPLES, LENGTH, VOCAB
 model, work = Path(sys.argv[1]), Path(sys.argv[2])

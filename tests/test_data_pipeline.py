@@ -10,7 +10,7 @@ import qlora_kit.data.dataset as data_stage
 from qlora_kit.config import DataArguments, parse
 from qlora_kit.data.dataset import build_datasets
 from qlora_kit.data.formats import detect_format, to_messages
-from qlora_kit.data.synthetic import synthetic_conversations
+from qlora_kit.bench.synthetic_data import synthetic_conversations
 from qlora_kit.data.tokenize import IGNORE_INDEX
 
 

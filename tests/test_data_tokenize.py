@@ -6,7 +6,7 @@ from qlora_kit.data.formats import SkipRecord
 from qlora_kit.data.tokenize import (CHATML_TEMPLATE, IGNORE_INDEX, LONGER_THAN_MAX, TokenizeSettings,
                                      ensure_chat_template, render, tokenize_batch, tokenize_conversation,
                                      tokenize_messages)
-from qlora_kit.model.load import load_tokenizer
+from qlora_kit.model.tokenizer import load_tokenizer
 
 # The assistant branch of Qwen3's chat template: replies after the last user message are written with
 # a think block (the last one always), earlier ones without their reasoning.

@@ -11,7 +11,7 @@ import torch
 from export_runs import adapt_and_save, make_run
 from qlora_kit.export.cli import main as export_main
 from qlora_kit.export.gguf import gguf_file_name
-from qlora_kit.export.gguf_check import compare_with_merged, llama_cpp_check
+from qlora_kit.bench.gguf_check import compare_with_merged, llama_cpp_check
 
 pytestmark = pytest.mark.slow
 GGUF_TYPES = ["f16", "q8_0"]

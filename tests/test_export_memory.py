@@ -2,8 +2,8 @@
 
 from transformers import LlamaConfig
 
-from qlora_kit.export.bench import measure_merge, memory_bound
-from qlora_kit.export.random_model import write_random_model, write_random_run
+from qlora_kit.bench.export import measure_merge, memory_bound
+from qlora_kit.bench.random_model import write_random_model, write_random_run
 
 # 16 layers whose largest tensors are the MLP projections, 512 x 4096 in bf16: 4 MiB each, 228 MiB in all.
 CONFIG = dict(hidden_size=512, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=8,

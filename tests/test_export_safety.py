@@ -16,7 +16,7 @@ import yaml
 from export_runs import make_run
 from tiny_models import BROKEN_MODELS
 from qlora_kit.export.cli import main
-from qlora_kit.export.random_model import preset_config, write_random_model, write_random_run
+from qlora_kit.bench.random_model import preset_config, write_random_model, write_random_run
 from tiny_models import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

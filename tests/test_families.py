@@ -16,7 +16,7 @@ from qlora_kit.memory.reorder import LayerMajorStep
 from qlora_kit.model.family import (FAMILIES, check_structure, family_of, replaced_forwards, set_checkpoint_function,
                                      sliding_window_layers)
 from qlora_kit.train.loss import check_chunked_loss, logit_head, set_loss_chunk_size
-from qlora_kit.train.resilience import compare_runs, synthetic_dataset, train_once
+from qlora_kit.bench.resilience import compare_runs, synthetic_dataset, train_once
 from export_runs import make_run
 from stream_models import CPU, lora_model, one_thread  # noqa: F401 - one_thread is an autouse fixture
 from test_stream_reorder import lora_grads, micro_batches, plain_step

@@ -10,7 +10,7 @@ import yaml
 from qlora_kit.config import parse
 from qlora_kit.errors import UserError
 from qlora_kit.export.cli import main as export_main
-from qlora_kit.model.load import load_tokenizer
+from qlora_kit.model.tokenizer import load_tokenizer
 from qlora_kit.recipes.chat import run
 from qlora_kit.sources import resolve_model
 from tiny_gguf import write_tiny_gguf

@@ -6,7 +6,7 @@ import transformers
 
 import qlora_kit.log
 from qlora_kit.config import LoraArguments, ModelArguments
-from qlora_kit.memory.track import LiveTensorBytes
+from qlora_kit.bench.memory_track import LiveTensorBytes
 from qlora_kit.model.load import load_quantized_model
 from qlora_kit.model.lora import add_lora, enable_gradient_checkpointing
 from qlora_kit.errors import UserError

@@ -13,7 +13,7 @@ from qlora_kit.data.batches import epoch_batches
 from qlora_kit.errors import UserError
 from qlora_kit.train.guard import NonfiniteGuard, nonfinite_parameters
 from qlora_kit.train.metrics import MetricsLog
-from qlora_kit.train.resilience import synthetic_dataset, train_once, write_random_llama
+from qlora_kit.bench.resilience import synthetic_dataset, train_once, write_random_llama
 
 CPU = torch.device("cpu")
 POISON = 511  # a token id that the forward hook below turns into NaN embeddings

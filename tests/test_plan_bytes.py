@@ -8,12 +8,12 @@ import torch
 from qlora_kit.config import LoraArguments, ModelArguments, TrainArguments
 from qlora_kit.memory import activations as act
 from qlora_kit.memory.budget import RunSettings, adapted_linears, lora_tensor_numels, optimizer_state_bytes, weight_bytes
-from qlora_kit.memory.measure import predicted, random_batch
+from qlora_kit.bench.memory_measure import predicted, random_batch
 from qlora_kit.memory.shapes import meta_model, model_shape, shape_from_model
-from qlora_kit.memory.track import LiveTensorBytes
+from qlora_kit.bench.memory_track import LiveTensorBytes
 from qlora_kit.model.load import load_quantized_model
 from qlora_kit.model.lora import add_lora, enable_gradient_checkpointing
-from qlora_kit.model.random_init import random_quantized_model
+from qlora_kit.bench.random_init import random_quantized_model
 from qlora_kit.train.loss import batch_loss_sum, set_loss_chunk_size
 from qlora_kit.train.optim import build_optimizer
 from tiny_models import save_tiny_model, tiny_config
@@ -143,7 +143,7 @@ def test_training_step_peak_matches_the_planner(tmp_path):
 @pytest.mark.gpu
 def test_gpu_peak_within_ten_percent_of_the_plan():
     """The issue's target on a GPU: predicted reserved memory within 10% of max_memory_reserved."""
-    from qlora_kit.memory.measure import measure_model
+    from qlora_kit.bench.memory_measure import measure_model
 
     rows = measure_model("smollm2-135m-instruct", [1024], 1, torch.device("cuda"), steps=2)
     for row in rows:

@@ -18,7 +18,7 @@ from qlora_kit.fingerprint import config_fingerprint
 from qlora_kit.output import check_resume, resume_differences, run_identity
 from qlora_kit.recipes.chat import main, run
 from qlora_kit.train.metrics import MetricsLog
-from qlora_kit.train.resilience import check_exact_resume, synthetic_dataset, train_once, write_random_llama
+from qlora_kit.bench.resilience import check_exact_resume, synthetic_dataset, train_once, write_random_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

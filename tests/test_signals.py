@@ -110,7 +110,7 @@ def test_sigkill_while_a_checkpoint_is_written_leaves_the_previous_one_usable(tm
 
 def conversations_file(folder: Path, copies: int = 20) -> Path:
     """20,000 synthetic conversations: a few seconds of tokenizing in two processes on a CPU."""
-    from qlora_kit.data.synthetic import synthetic_conversations, write_jsonl
+    from qlora_kit.bench.synthetic_data import synthetic_conversations, write_jsonl
 
     sample = write_jsonl(synthetic_conversations(1000, seed=3), folder / "sample.jsonl").read_text()
     path = folder / "chats.jsonl"

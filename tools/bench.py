@@ -3,7 +3,7 @@
 
 Side by side: the standard transformers + peft + bitsandbytes QLoRA loop vs qlora_kit, each run in
 its own subprocess, interleaved, after a warm-up; prints a table of medians and ratios and the JSON.
-The logic lives in qlora_kit/benchmark.py.
+The logic lives in qlora_kit/bench/training.py.
 """
 
 import argparse
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 
-from qlora_kit.benchmark import BenchSettings, compare, format_table
+from qlora_kit.bench.training import BenchSettings, compare, format_table
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
     python tools/bench_checkpoint.py --tiny --out bench_checkpoint_cpu.json  # anywhere, a tiny random Llama
     python tools/bench_checkpoint.py --model ~/.cache/qlora_kit/models/smollm2-135m-instruct  # a local model
 
-Prints a JSON report; see measure_costs in qlora_kit/train/resilience.py.
+Prints a JSON report; see measure_costs in qlora_kit/bench/resilience.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from qlora_kit.log import setup_logging
-from qlora_kit.train.resilience import measure_costs, write_random_llama, print_report
+from qlora_kit.bench.resilience import measure_costs, write_random_llama, print_report
 
 
 def main(argv: list[str] | None = None) -> dict:

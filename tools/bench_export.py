@@ -10,8 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from qlora_kit.export.bench import run_benchmark
-from qlora_kit.export.random_model import PRESETS
+from qlora_kit.bench.export import run_benchmark
+from qlora_kit.bench.random_model import PRESETS
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--work_dir", default="/tmp/qlora-kit-export-bench", help="Scratch folder (removed after).")

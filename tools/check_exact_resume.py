@@ -4,7 +4,7 @@
     python tools/check_exact_resume.py --tiny --out resume_cpu.json    # anywhere, a tiny model in seconds
 
 A random-weight Llama (no weights needed) in NF4 with LoRA (dropout, gradient checkpointing) is
-trained straight through, again, and resumed from the middle; see qlora_kit.train.resilience.py.
+trained straight through, again, and resumed from the middle; see qlora_kit/bench/resilience.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from qlora_kit.log import setup_logging
-from qlora_kit.train.resilience import check_exact_resume, print_report
+from qlora_kit.bench.resilience import check_exact_resume, print_report
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from qlora_kit.export.bench import gpu_check
+from qlora_kit.bench.export import gpu_check
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--work_dir", default="/tmp/qlora-kit-gpu-merge", help="Scratch folder on local disk (removed after).")

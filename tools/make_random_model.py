@@ -7,7 +7,7 @@
 import argparse
 from pathlib import Path
 
-from qlora_kit.export.random_model import PRESETS, preset_config, write_random_model, write_random_run
+from qlora_kit.bench.random_model import PRESETS, preset_config, write_random_model, write_random_run
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--output_dir", required=True, help="Folder for the model (config.json + safetensors shards).")

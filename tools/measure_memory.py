@@ -6,14 +6,14 @@
 For each model (random weights, quantized to NF4 layer by layer on the device), each sequence
 length, the plain and the chunked loss, with and without activation offload: two training steps
 with a fresh optimizer after resetting the peak statistics; prints a table and JSON. The logic lives
-in qlora_kit/memory/measure.py.
+in qlora_kit/bench/memory_measure.py.
 """
 
 import sys
 
 from qlora_kit.errors import exit_on_user_error
 from qlora_kit.log import setup_logging
-from qlora_kit.memory.measure import measure_command
+from qlora_kit.bench.memory_measure import measure_command
 
 if __name__ == "__main__":
     setup_logging()

@@ -3,5 +3,5 @@
 merge.py streams the base checkpoint tensor by tensor into sharded safetensors (shards.py writes
 them), re-quantizing the projections as training saw them (nf4.py) and adding each adapter's
 delta (adapter.py); folder.py keeps the user's folders safe; verify.py compares the merged model
-with the adapter model; random_model.py and bench.py build random models and time the merge.
+with the adapter model.
 """

@@ -37,7 +37,8 @@ from qlora_kit.config import ModelArguments
 from qlora_kit.errors import CheckFailed, UserError
 from qlora_kit.export.settings import RunSettings
 from qlora_kit.log import logger
-from qlora_kit.model.load import load_quantized_model, load_tokenizer
+from qlora_kit.model.load import load_quantized_model
+from qlora_kit.model.tokenizer import load_tokenizer
 from qlora_kit.model.family import attention_for
 
 REPORT_NAME = "merge_report.json"

@@ -23,7 +23,7 @@ from qlora_kit.errors import UserError
 from qlora_kit.export.adapter import ADAPTER_CONFIG
 from qlora_kit.export.settings import _read_run_config, run_settings
 from qlora_kit.log import logger
-from qlora_kit.model.load import load_tokenizer
+from qlora_kit.model.tokenizer import load_tokenizer
 from qlora_kit.memory.stream import setup_streaming
 from qlora_kit.model.stream_load import load_model
 from qlora_kit.sources import resolve_model

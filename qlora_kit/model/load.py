@@ -15,7 +15,6 @@ from qlora_kit.config import ModelArguments
 from qlora_kit.errors import UserError
 from qlora_kit.model.bnb_cpu import keep_canonical_layout
 from qlora_kit.model.family import attention_for
-from qlora_kit.model.tokenizer import load_tokenizer  # noqa: F401 (callers import it from here too)
 from qlora_kit.log import notice_once
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

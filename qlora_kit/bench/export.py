@@ -1,6 +1,6 @@
 """Measuring the merge: seconds and peak memory of one export in a fresh process, against `cp`.
 
-`measure_merge` runs the export in a child process (`python -m qlora_kit.export.bench`), which
+`measure_merge` runs the export in a child process (`python -m qlora_kit.bench.export`), which
 reports its own peak RSS (the kernel's high-water mark, VmHWM) and, on CUDA,
 torch's peak allocated / reserved GPU memory. `copy_seconds` times `cp -r` plus `sync` of the
 same base folder, the baseline the merge is compared with (the merge fsyncs its shards too).
@@ -20,7 +20,7 @@ from typing import Optional
 import psutil
 import torch
 
-from qlora_kit.memory.track import peak_rss_bytes
+from qlora_kit.bench.memory_track import peak_rss_bytes
 
 CHILD_MARK = "MERGE_MEASUREMENT "
 
@@ -33,7 +33,7 @@ def measure_merge(adapter_dir: Path, output_dir: Path, merge_base: str = "nf4", 
     """
     options = {"adapter_dir": str(adapter_dir), "output_dir": str(output_dir), "merge_base": merge_base,
                "max_shard_size": max_shard_size, "overwrite": True, **options}
-    command = [sys.executable, "-m", "qlora_kit.export.bench", json.dumps(options)]
+    command = [sys.executable, "-m", "qlora_kit.bench.export", json.dumps(options)]
     result = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith(CHILD_MARK)]
     if result.returncode != 0 or not lines:
@@ -64,7 +64,7 @@ def memory_bound(largest_tensor_bytes: int) -> int:
 def run_benchmark(work_dir: Path, preset: str = "llama-1.5b", num_layers: Optional[int] = None,
                   max_shard_size: str = "1GB", modes: tuple[str, ...] = ("original", "nf4"), keep: bool = False) -> dict:
     """Write a random model and adapter, then time `cp` and each merge of it; remove the files unless `keep`."""
-    from qlora_kit.export.random_model import preset_config, write_random_model, write_random_run
+    from qlora_kit.bench.random_model import preset_config, write_random_model, write_random_run
 
     base, run = work_dir / "base", work_dir / "run"
     started = time.perf_counter()
@@ -94,7 +94,7 @@ def run_benchmark(work_dir: Path, preset: str = "llama-1.5b", num_layers: Option
 
 def _give_tokenizer(run: Path) -> None:
     """A GGUF file carries a tokenizer: the random run gets the demo model's."""
-    from qlora_kit.model.load import load_tokenizer
+    from qlora_kit.model.tokenizer import load_tokenizer
     from qlora_kit.sources import demo_model_dir
 
     load_tokenizer(demo_model_dir()).save_pretrained(run)
@@ -103,7 +103,7 @@ def _give_tokenizer(run: Path) -> None:
 def gpu_check(work_dir: Path, num_layers: Optional[int] = 8, tiny: bool = False) -> dict:
     """The 8B-shaped merge on this machine's GPU (CPU when there is none), and the CUDA NF4 bit-exactness check."""
     from qlora_kit.export.nf4 import compare_with_loader
-    from qlora_kit.export.random_model import preset_config, write_random_model, write_random_run
+    from qlora_kit.bench.random_model import preset_config, write_random_model, write_random_run
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     preset, layers = ("tiny", None) if tiny else ("llama-8b", num_layers)
@@ -132,7 +132,7 @@ def gpu_check(work_dir: Path, num_layers: Optional[int] = 8, tiny: bool = False)
 
 
 def _full_model_bytes(preset: str) -> int:
-    from qlora_kit.export.random_model import preset_config, state_specs
+    from qlora_kit.bench.random_model import preset_config, state_specs
 
     return sum(spec.nbytes for spec in state_specs(preset_config(preset), torch.bfloat16))
 

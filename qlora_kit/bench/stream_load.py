@@ -125,7 +125,7 @@ def one_tensor_working_set(folder: Path, dtype) -> int:
 
 
 def _child(folder: Path, dtype: str, cache: Path | None = None) -> dict:
-    command = [sys.executable, "-m", "qlora_kit.model.measure_load", "--measure", str(folder), "--dtype", dtype]
+    command = [sys.executable, "-m", "qlora_kit.bench.stream_load", "--measure", str(folder), "--dtype", dtype]
     if cache is not None:
         command += ["--cache_dir", str(cache)]
     child = subprocess.run(command, capture_output=True, text=True, check=True)

@@ -36,7 +36,7 @@ from typing import Any, Optional
 import torch
 
 from qlora_kit.data.tokenize import IGNORE_INDEX
-from qlora_kit.memory.track import peak_rss_bytes
+from qlora_kit.bench.memory_track import peak_rss_bytes
 
 # Dense bf16 tensor-core peaks (FLOP/s) for the MFU figure, by device-name fragment.
 BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12, "A6000": 155e12}
@@ -83,7 +83,7 @@ def load_base(model: str, compute_dtype: torch.dtype, device: torch.device):
 
     from qlora_kit.config import ModelArguments
     from qlora_kit.model.load import load_quantized_model
-    from qlora_kit.model.random_init import random_quantized_model
+    from qlora_kit.bench.random_init import random_quantized_model
 
     path = Path(model)
     if path.is_file() and path.suffix == ".json":
@@ -237,7 +237,7 @@ def _device_name(device: torch.device) -> str:
 
 def run_in_subprocess(side: str, settings: BenchSettings, timeout: Optional[float] = None) -> dict[str, Any]:
     """One side in a fresh Python process, so neither side's memory or caches affect the other."""
-    command = [sys.executable, "-m", "qlora_kit.benchmark", side, json.dumps(asdict(settings))]
+    command = [sys.executable, "-m", "qlora_kit.bench.training", side, json.dumps(asdict(settings))]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if completed.returncode != 0:
         raise RuntimeError(f"{side} failed:\n{completed.stderr[-3000:]}")

@@ -5,7 +5,7 @@ A model is built from a config with random weights, quantized to NF4 layer by la
 the recipe does. Each configuration (sequence length x chunked loss x activation offload) gets a
 fresh optimizer, an emptied cache and reset peak statistics, then runs a few full steps (forward,
 backward, optimizer step). On CUDA the peak is `torch.cuda.max_memory_reserved()` and
-`max_memory_allocated()`; on CPU it is `LiveTensorBytes` (track.py), which counts from before the
+`max_memory_allocated()`; on CPU it is `LiveTensorBytes` (memory_track.py), which counts from before the
 model is built, so its peak stands for max_memory_allocated.
 """
 
@@ -26,7 +26,7 @@ from qlora_kit.memory.offload import enable_activation_offload
 from qlora_kit.memory.plan import GiB, plan_memory
 from qlora_kit.memory.shapes import ModelShape, load_model_config, meta_model, shape_from_model
 from qlora_kit.model.lora import add_lora, enable_gradient_checkpointing
-from qlora_kit.model.random_init import random_quantized_model
+from qlora_kit.bench.random_init import random_quantized_model
 from qlora_kit.train.loss import batch_loss_sum, set_loss_chunk_size
 from qlora_kit.train.optim import build_optimizer
 
@@ -191,7 +191,7 @@ def measure_command(argv: list[str]) -> list[Measurement]:
     from pathlib import Path
 
     from qlora_kit.errors import UserError
-    from qlora_kit.memory.track import LiveTensorBytes
+    from qlora_kit.bench.memory_track import LiveTensorBytes
 
     parser = argparse.ArgumentParser(prog="python tools/measure_memory.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="shrunk shapes at short sequences (runs on CPU)")
