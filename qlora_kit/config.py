@@ -27,7 +27,7 @@ MAX_EVAL_FRACTION = 0.5  # beyond it the eval split would outgrow the training s
 MAX_LEARNING_RATE = 1.0  # an AdamW step moves each weight by about this much: above 1 nothing useful is learned
 
 
-def _help(text: str, **kwargs: Any) -> Any:
+def help_field(text: str, **kwargs: Any) -> Any:
     """A dataclass field with help text for `--help`."""
     return field(metadata={"help": text}, **kwargs)
 
@@ -38,18 +38,18 @@ class ModelArguments:
 
     _argument_group_name = "model"
 
-    model_name_or_path: str = _help(
+    model_name_or_path: str = help_field(
         "Base model: a local Hugging Face folder, a hub id, or the built-in 'smollm2-135m-instruct'.",
         default="smollm2-135m-instruct",
     )
-    trust_remote_code: bool = _help("Allow the model's own Python code from its folder or the hub.", default=False)
-    bnb_4bit_compute_dtype: DTypeChoice = _help(
+    trust_remote_code: bool = help_field("Allow the model's own Python code from its folder or the hub.", default=False)
+    bnb_4bit_compute_dtype: DTypeChoice = help_field(
         "Dtype of the NF4 matmuls and the unquantized layers. auto: bfloat16 on GPUs that have it, "
         "float16 on older GPUs, float32 on CPU (bf16 matmuls are several times slower there).",
         default="auto",
     )
-    bnb_4bit_use_double_quant: bool = _help("Quantize the NF4 block scales too (saves ~0.37 bits/param).", default=True)
-    attn_implementation: str = _help("Attention kernel: sdpa, eager, flash_attention_2.", default="sdpa")
+    bnb_4bit_use_double_quant: bool = help_field("Quantize the NF4 block scales too (saves ~0.37 bits/param).", default=True)
+    attn_implementation: str = help_field("Attention kernel: sdpa, eager, flash_attention_2.", default="sdpa")
 
 
 @dataclass
@@ -58,18 +58,18 @@ class LoraArguments:
 
     _argument_group_name = "lora"
 
-    lora_r: int = _help("LoRA rank r.", default=16)
-    lora_alpha: float = _help("LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).", default=32)
-    lora_dropout: float = _help("Dropout on the LoRA input.", default=0.05)
-    lora_target_modules: str = _help(
+    lora_r: int = help_field("LoRA rank r.", default=16)
+    lora_alpha: float = help_field("LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).", default=32)
+    lora_dropout: float = help_field("Dropout on the LoRA input.", default=0.05)
+    lora_target_modules: str = help_field(
         "'all': every attention and MLP projection, found from the model's own modules. Or a "
         "comma-separated list of module names, e.g. 'q_proj,v_proj'; lm_head and the embeddings "
         "are adapted only when named here.",
         default="all",
     )
-    use_rslora: bool = _help("Rank-stabilised LoRA: scale by alpha/sqrt(r).", default=False)
-    use_dora: bool = _help("Weight-decomposed LoRA (DoRA).", default=False)
-    lora_dtype: DTypeChoice = _help(
+    use_rslora: bool = help_field("Rank-stabilised LoRA: scale by alpha/sqrt(r).", default=False)
+    use_dora: bool = help_field("Weight-decomposed LoRA (DoRA).", default=False)
+    lora_dtype: DTypeChoice = help_field(
         "Dtype of the LoRA weights. auto: bfloat16 on GPUs that have it, else float32.", default="auto"
     )
 
@@ -80,43 +80,43 @@ class DataArguments:
 
     _argument_group_name = "data"
 
-    dataset_name: str = _help(
+    dataset_name: str = help_field(
         "Training data: a .jsonl/.json/.parquet/.csv file, a folder of them, a save_to_disk folder, a hub id, "
         "or the built-in 'chatterbot-en'. Mix several with weights: 'a.jsonl:0.7,b.parquet:0.3' (or a YAML list).",
         default="chatterbot-en",
     )
-    max_seq_length: int = _help("Longest sequence in tokens; longer conversations are truncated.", default=512)
-    eval_fraction: float = _help(
+    max_seq_length: int = help_field("Longest sequence in tokens; longer conversations are truncated.", default=512)
+    eval_fraction: float = help_field(
         "Share of each source held out for the eval loss (0 for none), at most 0.5 so the training split is never "
         "smaller than the eval split; a few percent is enough for a steady eval loss. For a bigger eval set, "
         "give it with --eval_dataset_name.", default=0.05)
-    assistant_only_loss: bool = _help("Train on assistant tokens only (false: on all tokens).", default=True)
-    eval_dataset_name: Optional[str] = _help(
+    assistant_only_loss: bool = help_field("Train on assistant tokens only (false: on all tokens).", default=True)
+    eval_dataset_name: Optional[str] = help_field(
         "Held-out eval data, the same kinds as dataset_name; when set, eval_fraction is not used.", default=None
     )
-    dataset_format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = _help(
+    dataset_format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = help_field(
         "Record shape; auto: detected per source from its columns. text: language modelling, loss on all tokens.",
         default="auto",
     )
-    truncation_policy: Literal["whole_turns", "cut", "drop"] = _help(
+    truncation_policy: Literal["whole_turns", "cut", "drop"] = help_field(
         "Conversations longer than max_seq_length: whole_turns keeps the leading turns that fit (cuts when even "
         "the first reply does not), cut cuts at max_seq_length tokens, drop drops them; all are counted.",
         default="whole_turns",
     )
-    packing: bool = _help(
+    packing: bool = help_field(
         "Pack several sequences into each max_seq_length row; each attends only to itself (position ids restart).",
         default=False,
     )
-    strict: bool = _help("Stop at the first bad record instead of skipping and counting it.", default=False)
-    dataset_num_proc: Optional[int] = _help(
+    strict: bool = help_field("Stop at the first bad record instead of skipping and counting it.", default=False)
+    dataset_num_proc: Optional[int] = help_field(
         "Processes that tokenize the data (default: the CPU count, up to 8, for 5,000+ records; else 1).",
         default=None,
     )
-    preview_data: int = _help(
+    preview_data: int = help_field(
         "Tokenize the data as the run would, print the data report and this many training examples with the "
         "trained tokens marked (and a packed row's sequence boundaries with --packing), then exit without loading "
         "the model. 0: train.", default=0)
-    preview_data_file: Optional[str] = _help(
+    preview_data_file: Optional[str] = help_field(
         "With --preview_data, also write the preview as an HTML file here.", default=None)
 
 
@@ -126,54 +126,54 @@ class TrainArguments:
 
     _argument_group_name = "training"
 
-    output_dir: str = _help("Folder for the adapter, tokenizer, metrics and checkpoints.", default="runs/chat")
-    overwrite_output_dir: bool = _help(
+    output_dir: str = help_field("Folder for the adapter, tokenizer, metrics and checkpoints.", default="runs/chat")
+    overwrite_output_dir: bool = help_field(
         "Replace an output folder that holds an earlier run: only the run's own files (adapter, tokenizer, "
         "run_config.yaml, metrics.jsonl, loss.png, checkpoints/, merged/) are removed; others stay and are listed.",
         default=False)
-    resume_from_checkpoint: Optional[str] = _help(
+    resume_from_checkpoint: Optional[str] = help_field(
         "Continue a run: 'latest' (the newest checkpoint in output_dir) or a checkpoint folder.", default=None
     )
-    num_train_epochs: float = _help("Passes over the training data (ignored when max_steps > 0).", default=1.0)
-    max_steps: int = _help("Optimizer steps to run; -1 runs num_train_epochs.", default=-1)
-    per_device_train_batch_size: int = _help("Sequences per micro-batch.", default=8)
-    per_device_eval_batch_size: int = _help("Sequences per eval batch.", default=8)
-    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
-    learning_rate: float = _help("Peak learning rate, in (0, 1]; QLoRA runs use 1e-5 to 5e-4.", default=2e-4)
-    weight_decay: float = _help("AdamW weight decay.", default=0.0)
-    warmup_ratio: float = _help("Share of the steps spent warming the learning rate up.", default=0.03)
-    lr_scheduler_type: Literal["cosine", "linear", "constant"] = _help("Learning-rate schedule.", default="cosine")
-    max_grad_norm: float = _help("Clip the gradient norm to this (0 to switch off).", default=0.3)
-    optim: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"] = _help(
+    num_train_epochs: float = help_field("Passes over the training data (ignored when max_steps > 0).", default=1.0)
+    max_steps: int = help_field("Optimizer steps to run; -1 runs num_train_epochs.", default=-1)
+    per_device_train_batch_size: int = help_field("Sequences per micro-batch.", default=8)
+    per_device_eval_batch_size: int = help_field("Sequences per eval batch.", default=8)
+    gradient_accumulation_steps: int = help_field("Micro-batches per optimizer step.", default=1)
+    learning_rate: float = help_field("Peak learning rate, in (0, 1]; QLoRA runs use 1e-5 to 5e-4.", default=2e-4)
+    weight_decay: float = help_field("AdamW weight decay.", default=0.0)
+    warmup_ratio: float = help_field("Share of the steps spent warming the learning rate up.", default=0.03)
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = help_field("Learning-rate schedule.", default="cosine")
+    max_grad_norm: float = help_field("Clip the gradient norm to this (0 to switch off).", default=0.3)
+    optim: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"] = help_field(
         "Optimizer. The paged ones move their state to host RAM under memory pressure (CUDA only).",
         default="paged_adamw_8bit",
     )
-    gradient_checkpointing: bool = _help("Recompute activations in backward instead of keeping them.", default=True)
-    seed: int = _help("Seed for LoRA init, data order and dropout.", default=42)
-    logging_steps: int = _help("Log the training loss every N optimizer steps.", default=10)
-    eval_steps: int = _help("Compute the eval loss every N optimizer steps (0: only at the end).", default=50)
-    save_steps: int = _help("Save a checkpoint every N optimizer steps (0: only at the end).", default=100)
-    save_total_limit: int = _help("Keep only the newest N checkpoints (0: keep every one).", default=0)
-    keep_best_checkpoint: bool = _help(
+    gradient_checkpointing: bool = help_field("Recompute activations in backward instead of keeping them.", default=True)
+    seed: int = help_field("Seed for LoRA init, data order and dropout.", default=42)
+    logging_steps: int = help_field("Log the training loss every N optimizer steps.", default=10)
+    eval_steps: int = help_field("Compute the eval loss every N optimizer steps (0: only at the end).", default=50)
+    save_steps: int = help_field("Save a checkpoint every N optimizer steps (0: only at the end).", default=100)
+    save_total_limit: int = help_field("Keep only the newest N checkpoints (0: keep every one).", default=0)
+    keep_best_checkpoint: bool = help_field(
         "With --save_total_limit, also keep the checkpoint with the lowest eval loss.", default=False
     )
-    max_nonfinite_steps: int = _help(
+    max_nonfinite_steps: int = help_field(
         "Skip an optimizer step whose loss or gradient norm is NaN or inf; stop after this many in a row "
         "(0: no guard: such updates are applied, and the run stops rather than save weights holding NaN or inf).",
         default=5,
     )
-    report_to: str = _help(
+    report_to: str = help_field(
         "Experiment trackers that receive the metrics.jsonl rows, the run config, the data report and the memory "
         "plan: none, tensorboard, wandb, mlflow, trackio, a comma-separated list of them, or all (every one "
         "installed). metrics.jsonl and loss.png are written whatever this is.", default="none")
-    run_name: Optional[str] = _help("The run's name in the trackers (default: the output folder's name).",
+    run_name: Optional[str] = help_field("The run's name in the trackers (default: the output folder's name).",
                                     default=None)
-    project: str = _help("The trackers' project (wandb, trackio) or experiment (mlflow).", default="qlora_kit")
-    eval_prompts: Optional[str] = _help(
+    project: str = help_field("The trackers' project (wandb, trackio) or experiment (mlflow).", default="qlora_kit")
+    eval_prompts: Optional[str] = help_field(
         "A .jsonl file of prompts ({\"prompt\": ...} or {\"messages\": [...]}) answered greedily at each eval, "
         "logged with a repeated-n-gram rate. Unset: the first --eval_num_prompts eval conversations.", default=None)
-    eval_num_prompts: int = _help("Sample replies at each eval (0: none); the first N prompts are used.", default=3)
-    eval_max_new_tokens: int = _help("Longest sample reply, in tokens.", default=64)
+    eval_num_prompts: int = help_field("Sample replies at each eval (0: none); the first N prompts are used.", default=3)
+    eval_max_new_tokens: int = help_field("Longest sample reply, in tokens.", default=64)
 
 
 @dataclass
@@ -182,17 +182,17 @@ class MemoryArguments:
 
     _argument_group_name = "memory"
 
-    gpu_memory: str = _help(
+    gpu_memory: str = help_field(
         "GPU memory to plan for: 'auto' (the card's, on a GPU), a size such as 24GiB or 80GB, or 'none'. "
         "The plan is printed and applied; a run that cannot fit is refused with what is missing.",
         default="auto",
     )
-    offload_activations: Optional[bool] = _help(
+    offload_activations: Optional[bool] = help_field(
         "Keep the checkpointed hidden states in pinned host RAM, prefetched back for backward. "
         "Unset: the plan decides (off without a plan).",
         default=None,
     )
-    loss_chunk_size: Optional[int] = _help(
+    loss_chunk_size: Optional[int] = help_field(
         "Trained tokens per chunk of the loss, so the full logits never exist; 0: the plain loss over "
         "full logits. Unset: sized from the vocabulary (256 MiB of fp32 logits per chunk).",
         default=None,
@@ -205,22 +205,22 @@ class StreamArguments:
 
     _argument_group_name = "streaming"
 
-    resident_layers: int = _help(
+    resident_layers: int = help_field(
         "Decoder layers kept on the GPU; the others wait in pinned host RAM in NF4 and are copied to the "
         "GPU just before they are needed. -1: the memory plan decides (all stay on the GPU when they fit, "
         "and when there is no plan).",
         default=-1,
     )
-    layers_in_flight: int = _help(
+    layers_in_flight: int = help_field(
         "Most streamed layers on the GPU at once: the one computing and those being copied ahead.", default=2
     )
-    layer_major_accumulation: bool = _help(
+    layer_major_accumulation: bool = help_field(
         "When layers stream and gradient_accumulation_steps > 1, run every micro-batch of an optimizer step "
         "through a streamed layer before the next (boundary activations wait in host RAM), so the weights "
         "cross PCIe twice per optimizer step instead of twice per micro-batch.",
         default=True,
     )
-    quantized_cache: Optional[str] = _help(
+    quantized_cache: Optional[str] = help_field(
         "Folder holding the quantized model: written on the first run, read on later ones instead of "
         "the checkpoint; refused if the source model or the quantization settings differ.",
         default=None,
@@ -233,45 +233,17 @@ class ExportArguments:
 
     _argument_group_name = "export"
 
-    export_merged: bool = _help("At the end, write the base with the adapter merged in to OUTPUT_DIR/merged.",
+    export_merged: bool = help_field("At the end, write the base with the adapter merged in to OUTPUT_DIR/merged.",
                                 default=False)
-    export_merge_base: Literal["nf4", "original"] = _help(
+    export_merge_base: Literal["nf4", "original"] = help_field(
         "nf4: merge into the dequantized NF4 weights training saw (the merged model matches the adapter model); "
         "original: into the original weights.", default="nf4")
-    export_dtype: Literal["bfloat16", "float16", "float32"] = _help("dtype of the merged model.", default="bfloat16")
-    export_verify: bool = _help("Compare the merged model with the adapter model; writes merge_report.json.",
+    export_dtype: Literal["bfloat16", "float16", "float32"] = help_field("dtype of the merged model.", default="bfloat16")
+    export_verify: bool = help_field("Compare the merged model with the adapter model; writes merge_report.json.",
                                 default=False)
-    export_gguf: Optional[Literal["f16", "bf16", "q8_0"]] = _help(
+    export_gguf: Optional[Literal["f16", "bf16", "q8_0"]] = help_field(
         "At the end, also write OUTPUT_DIR/gguf/model-TYPE.gguf for llama.cpp / Ollama, with weight matrices "
         "of this type.", default=None)
-
-
-@dataclass
-class GenerateArguments:
-    """Flags of `python -m qlora_kit.recipes.generate`: chat with, or batch-run, a trained model."""
-
-    adapter_dir: Optional[str] = _help(
-        "A run folder (adapter + run_config.yaml): its NF4 base with the adapter, loaded as training loaded it. "
-        "Default: the demo's run folder (runs/demo) when no --model_name_or_path is given.", default=None)
-    model_name_or_path: Optional[str] = _help(
-        "A merged model folder or a base model (path, hub id or built-in demo name) to run alone; with "
-        "--adapter_dir, the base to put the adapter on (checked against the run's fingerprint).", default=None)
-    prompts: Optional[str] = _help("A JSONL file of prompts ({\"prompt\": ...} or {\"messages\": [...]} per "
-                                   "line) to answer in batches; without it, an interactive chat.", default=None)
-    output: Optional[str] = _help("With --prompts: the JSONL file of answers (default: print them).", default=None)
-    compare_base: bool = _help("Also answer with the adapter disabled (the base model), side by side.",
-                               default=False)
-    max_new_tokens: int = _help("Most tokens generated per answer.", default=256)
-    do_sample: bool = _help("Sample (with --temperature and --top_p); default greedy, so answers are "
-                            "reproducible.", default=False)
-    temperature: float = _help("Sampling temperature (with --do_sample true).", default=0.7)
-    top_p: float = _help("Nucleus sampling mass (with --do_sample true).", default=0.9)
-    batch_size: int = _help("Prompts generated together with --prompts.", default=8)
-    system: Optional[str] = _help("A system message put before every chat and prompt.", default=None)
-    seed: int = _help("Random seed (for --do_sample true).", default=42)
-    resident_layers: int = _help(
-        "Decoder layers kept on the GPU (the rest stream from host RAM); -1: as the run's memory plan had it.",
-        default=-1)
 
 
 ARGUMENT_CLASSES = (ModelArguments, LoraArguments, DataArguments, TrainArguments, MemoryArguments,
@@ -303,7 +275,7 @@ def field_names() -> set[str]:
     return {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
 
 
-class _Parser(HfArgumentParser):
+class UserErrorParser(HfArgumentParser):
     """HfArgumentParser whose errors are a `UserError` (one line, exit 2) instead of usage text."""
 
     def error(self, message: str):  # type: ignore[override]
@@ -311,7 +283,7 @@ class _Parser(HfArgumentParser):
 
 
 def build_parser() -> HfArgumentParser:
-    parser = _Parser(
+    parser = UserErrorParser(
         ARGUMENT_CLASSES,
         prog="python -m qlora_kit.recipes.chat",
         allow_abbrev=False,

@@ -6,7 +6,8 @@ import pytest
 
 from export_runs import make_run
 from tiny_models import save_tiny_model
-from qlora_kit.recipes.generate import main
+from qlora_kit.errors import UserError
+from qlora_kit.recipes.generate import main, read_prompts
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +67,18 @@ def test_bad_input_is_one_line_and_exit_2(case, run_dir, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
+
+
+def test_a_prompts_file_is_read_as_chats_to_answer(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Bye?"}, {"role": "assistant", "content": "Bye"}]
+    path.write_text(json.dumps({"prompt": "One"}) + "\n\n" + json.dumps({"messages": chat}) + "\n")
+    chats = read_prompts(path, system="Be brief.")
+    assert chats[0] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "One"}]
+    assert chats[1][1:] == chat[:3]  # answered at the last user turn: the trailing reply is dropped
+    for line, expected in [("not json", "line 1 is not JSON"), ('{"prompt": "  "}', "line 1: expected a non-empty"),
+                           ('{"messages": [{"role": "assistant", "content": "x"}]}', "line 1: expected a non-empty")]:
+        path.write_text(line + "\n")
+        with pytest.raises(UserError, match=expected):
+            read_prompts(path, system=None)

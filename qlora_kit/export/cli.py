@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from qlora_kit import interrupts
-from qlora_kit.config import ExportArguments, _help, _Parser
+from qlora_kit.config import ExportArguments, UserErrorParser, help_field
 from qlora_kit.errors import UserError, exit_on_user_error
 from qlora_kit.export.merge import MergeOptions, MergeResult, choose_device, export_merged, settings_for
 from qlora_kit.log import setup_logging
@@ -22,39 +22,39 @@ GGUF_SUBFOLDER = "gguf"
 class MergeArguments:
     """Flags of tools/export_merged.py."""
 
-    adapter_dir: str = _help("The run folder (adapter_config.json, adapter_model.safetensors, run_config.yaml).")
-    output_dir: str = _help("Folder for the merged model; it must not exist or be empty (see --overwrite).")
-    merge_base: Literal["nf4", "original"] = _help(
+    adapter_dir: str = help_field("The run folder (adapter_config.json, adapter_model.safetensors, run_config.yaml).")
+    output_dir: str = help_field("Folder for the merged model; it must not exist or be empty (see --overwrite).")
+    merge_base: Literal["nf4", "original"] = help_field(
         "nf4: merge into dequant(NF4(W)), the weights training saw, so the merged model computes what the adapter "
         "model computed. original: merge into the original weights W (drifts from the adapter model).", default="nf4")
-    dtype: Literal["bfloat16", "float16", "float32"] = _help("dtype of the merged model.", default="bfloat16")
-    max_shard_size: str = _help("Largest safetensors shard, e.g. 5GB or 500MB.", default="5GB")
-    base_model: Optional[str] = _help(
+    dtype: Literal["bfloat16", "float16", "float32"] = help_field("dtype of the merged model.", default="bfloat16")
+    max_shard_size: str = help_field("Largest safetensors shard, e.g. 5GB or 500MB.", default="5GB")
+    base_model: Optional[str] = help_field(
         "Base model folder or hub id (default: the one in run_config.yaml); checked against the base model "
         "fingerprint run_config.yaml records.", default=None)
-    bnb_4bit_compute_dtype: Optional[Literal["bfloat16", "float16", "float32"]] = _help(
+    bnb_4bit_compute_dtype: Optional[Literal["bfloat16", "float16", "float32"]] = help_field(
         "The dtype training loaded the base in (default: from run_config.yaml; without one, required for "
         "--merge_base nf4 and --verify).", default=None)
-    bnb_4bit_use_double_quant: Optional[bool] = _help(
+    bnb_4bit_use_double_quant: Optional[bool] = help_field(
         "Whether training double-quantized the NF4 scales (default: from run_config.yaml; without one, required "
         "for --merge_base nf4 and --verify).", default=None)
-    format: Literal["hf", "gguf"] = _help(
+    format: Literal["hf", "gguf"] = help_field(
         "hf: a transformers model folder (sharded safetensors). gguf: one .gguf file for llama.cpp / Ollama "
         "(Llama, SmolLM, Mistral, Qwen2 families), written into --output_dir.", default="hf")
-    gguf_type: Literal["f16", "bf16", "q8_0"] = _help(
+    gguf_type: Literal["f16", "bf16", "q8_0"] = help_field(
         "With --format gguf: the type of the weight matrices (norms stay float32).", default="f16")
-    verify: bool = _help("Compare the merged model with the adapter model; writes merge_report.json. "
+    verify: bool = help_field("Compare the merged model with the adapter model; writes merge_report.json. "
                          "(--format hf only; check a GGUF with tools/check_gguf.py.)", default=False)
-    overwrite: bool = _help("Replace a non-empty --output_dir (only once the new model is complete).", default=False)
-    allow_other_base: bool = _help(
+    overwrite: bool = help_field("Replace a non-empty --output_dir (only once the new model is complete).", default=False)
+    allow_other_base: bool = help_field(
         "Merge onto --base_model even though it is not the model the run recorded (its fingerprint differs); "
         "the merged model then does not compute what the adapter model computed.", default=False)
-    device: Literal["auto", "cpu", "cuda"] = _help("Where the arithmetic runs; auto: CUDA when there is one.",
+    device: Literal["auto", "cpu", "cuda"] = help_field("Where the arithmetic runs; auto: CUDA when there is one.",
                                                    default="auto")
 
 
 def parse(argv: list[str]) -> MergeArguments:
-    parser = _Parser(MergeArguments, prog="python tools/export_merged.py", allow_abbrev=False,
+    parser = UserErrorParser(MergeArguments, prog="python tools/export_merged.py", allow_abbrev=False,
                      description="Merge a LoRA run into its base model: an ordinary full-precision model folder.")
     (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     return args

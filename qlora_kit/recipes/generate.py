@@ -16,23 +16,52 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from transformers import TextStreamer, set_seed
 
-from qlora_kit.config import GenerateArguments, _Parser, check_numbers
+from qlora_kit.config import UserErrorParser, check_numbers, help_field
+from qlora_kit.data.prompts import Messages, json_lines, prompt_messages
 from qlora_kit.errors import UserError, exit_on_user_error
 from qlora_kit.log import logger, setup_logging
 from qlora_kit.model.inference import LoadedModel, load_plain, load_run
 
 DEMO_RUN = Path("runs/demo")  # the demo preset's output_dir
-Messages = list[dict[str, str]]
+
+
+@dataclass
+class GenerateArguments:
+    """Flags of `python -m qlora_kit.recipes.generate`: chat with, or batch-run, a trained model."""
+
+    adapter_dir: Optional[str] = help_field(
+        "A run folder (adapter + run_config.yaml): its NF4 base with the adapter, loaded as training loaded it. "
+        "Default: the demo's run folder (runs/demo) when no --model_name_or_path is given.", default=None)
+    model_name_or_path: Optional[str] = help_field(
+        "A merged model folder or a base model (path, hub id or built-in demo name) to run alone; with "
+        "--adapter_dir, the base to put the adapter on (checked against the run's fingerprint).", default=None)
+    prompts: Optional[str] = help_field("A JSONL file of prompts ({\"prompt\": ...} or {\"messages\": [...]} per "
+                                   "line) to answer in batches; without it, an interactive chat.", default=None)
+    output: Optional[str] = help_field("With --prompts: the JSONL file of answers (default: print them).", default=None)
+    compare_base: bool = help_field("Also answer with the adapter disabled (the base model), side by side.",
+                               default=False)
+    max_new_tokens: int = help_field("Most tokens generated per answer.", default=256)
+    do_sample: bool = help_field("Sample (with --temperature and --top_p); default greedy, so answers are "
+                            "reproducible.", default=False)
+    temperature: float = help_field("Sampling temperature (with --do_sample true).", default=0.7)
+    top_p: float = help_field("Nucleus sampling mass (with --do_sample true).", default=0.9)
+    batch_size: int = help_field("Prompts generated together with --prompts.", default=8)
+    system: Optional[str] = help_field("A system message put before every chat and prompt.", default=None)
+    seed: int = help_field("Random seed (for --do_sample true).", default=42)
+    resident_layers: int = help_field(
+        "Decoder layers kept on the GPU (the rest stream from host RAM); -1: as the run's memory plan had it.",
+        default=-1)
 
 
 def parse(argv: list[str]) -> GenerateArguments:
-    parser = _Parser(GenerateArguments, prog="python -m qlora_kit.recipes.generate", allow_abbrev=False,
+    parser = UserErrorParser(GenerateArguments, prog="python -m qlora_kit.recipes.generate", allow_abbrev=False,
                      description="Chat with a trained model, or answer a JSONL file of prompts.")
     (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     check_numbers(vars(args))
@@ -50,33 +79,21 @@ def parse(argv: list[str]) -> GenerateArguments:
 
 
 def read_prompts(path: Path, system: Optional[str]) -> list[Messages]:
-    """Each line's chat up to the answer: {"prompt": str} or {"messages": [...]} (a last assistant turn is dropped)."""
+    """Each line's chat up to the answer: {"prompt": str} or {"messages": [...]} (trailing assistant turns dropped)."""
     if not path.is_file():
         raise UserError(f"--prompts {path} does not exist")
-    chats = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path} line {number} is not JSON; write one {{\"prompt\": ...}} object per line") from None
-        chats.append(_chat_of(record, path, number, system))
+    hint = "; write one {\"prompt\": ...} object per line"
+    chats = [_chat_of(record, path, number, system) for number, record in json_lines(path, str(path), hint)]
     if not chats:
         raise UserError(f"--prompts {path} holds no prompts; write one {{\"prompt\": ...}} object per line")
     return chats
 
 
 def _chat_of(record: Any, path: Path, number: int, system: Optional[str]) -> Messages:
-    if isinstance(record, dict) and isinstance(record.get("prompt"), str) and record["prompt"].strip():
-        messages = [{"role": "user", "content": record["prompt"]}]
-    elif isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
-        messages = [dict(message) for message in record["messages"]]
-        if messages[-1].get("role") == "assistant":
-            messages = messages[:-1]
-    else:
+    messages = prompt_messages(record)
+    if messages is None:
         raise UserError(f"{path} line {number}: expected a non-empty \"prompt\" string or \"messages\" list")
-    if not messages or messages[-1].get("role") != "user":
+    if messages[-1].get("role") != "user":
         raise UserError(f"{path} line {number}: the chat must end with a user turn to answer")
     if system and messages[0].get("role") != "system":
         messages.insert(0, {"role": "system", "content": system})

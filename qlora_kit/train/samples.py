@@ -10,7 +10,6 @@ the chat template's generation prompt exactly as the run saw it.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +18,7 @@ import torch
 from datasets import Dataset
 
 from qlora_kit.data.formats import SkipRecord
+from qlora_kit.data.prompts import json_lines, prompt_messages
 from qlora_kit.data.tokenize import IGNORE_INDEX, ensure_chat_template, render
 from qlora_kit.errors import UserError
 
@@ -43,19 +43,6 @@ def prompts_from_eval(eval_data: Dataset, count: int) -> list[list[int]]:
     return prompts
 
 
-def _prompt_messages(record: Any, where: str) -> list[dict[str, str]]:
-    if isinstance(record, dict) and isinstance(record.get("prompt"), str):
-        return [{"role": "user", "content": record["prompt"]}]
-    if isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
-        messages = list(record["messages"])
-        while messages and messages[-1].get("role") == "assistant":
-            messages.pop()
-        if messages:
-            return messages
-    raise UserError(f"{where}: each line must be {{\"prompt\": text}} or {{\"messages\": [...]}} with a non-assistant "
-                    f"turn; fix it or leave --eval_prompts unset to use the eval conversations")
-
-
 def prompts_from_file(path: str, tokenizer, count: int) -> list[list[int]]:
     """Token ids of the first `count` prompts of a .jsonl file, rendered by the chat template for a reply."""
     file = Path(path)
@@ -63,17 +50,16 @@ def prompts_from_file(path: str, tokenizer, count: int) -> list[list[int]]:
         raise UserError(f"--eval_prompts {path} does not exist; give a .jsonl file of {{\"prompt\": text}} records")
     ensure_chat_template(tokenizer)
     prompts = []
-    for number, line in enumerate(file.read_text().splitlines(), 1):
+    for number, record in json_lines(file, f"--eval_prompts {path}"):
         if len(prompts) == count:
             break
-        if not line.strip():
-            continue
+        messages = prompt_messages(record)
+        if messages is None:
+            raise UserError(f"--eval_prompts {path} line {number}: each line must be {{\"prompt\": text}} or "
+                            f"{{\"messages\": [...]}} with a non-assistant turn; fix it or leave --eval_prompts "
+                            f"unset to use the eval conversations")
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"--eval_prompts {path} line {number} is not JSON") from None
-        try:
-            text = render(tokenizer, _prompt_messages(record, f"--eval_prompts {path} line {number}"), True)
+            text = render(tokenizer, messages, True)
         except SkipRecord as reason:
             raise UserError(f"--eval_prompts {path} line {number}: {reason}") from None
         prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
