@@ -3,7 +3,7 @@
 A `UserError` is a problem the user can fix (a bad path, a bad field, bad data). A `CheckFailed` is a
 check the user asked for (`--verify`) that ran and did not pass. Entry points wrap their `main` in
 `exit_on_user_error`, which prints the message as one line on stderr and exits with code 2 for a
-`UserError`, 1 for a `CheckFailed`, without a traceback. The same wrapper turns Ctrl-C and SIGTERM
+`UserError`, 1 for a `CheckFailed` or a `LostProcess`, without a traceback. The same wrapper turns Ctrl-C and SIGTERM
 into one line and exit code 130 or 143, with no child process left running (interrupts.py).
 """
 
@@ -30,9 +30,13 @@ class CheckFailed(Exception):
     """A check the user asked for ran and failed; its message says what failed and where the report is."""
 
 
+class LostProcess(Exception):
+    """Another process of a multi-process run died; its message says where this one stopped and what to resume."""
+
+
 def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
-    """Wrap an entry point: a `UserError` becomes one line on stderr and exit code 2, a `CheckFailed` exit
-    code 1; SIGINT or SIGTERM one line and exit code 130 or 143."""
+    """Wrap an entry point: a `UserError` becomes one line on stderr and exit code 2, a `CheckFailed` or a
+    `LostProcess` exit code 1; SIGINT or SIGTERM one line and exit code 130 or 143."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -43,7 +47,7 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
                 if interrupts.received() is not None:  # raised while unwinding from a signal
                     interrupts.exit_interrupted(interrupts.received())
                 _exit_with(error, USER_ERROR_EXIT_CODE)
-            except CheckFailed as error:
+            except (CheckFailed, LostProcess) as error:
                 _exit_with(error, CHECK_FAILED_EXIT_CODE)
             except BaseException as error:
                 signum = interrupts.received()

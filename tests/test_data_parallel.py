@@ -147,3 +147,45 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step_with_one_checkpoi
     stopped_at = int(checkpoints[0].removeprefix("step-"))
     assert stderr.count(f"stopped by SIGTERM after step {stopped_at}") == 2, stderr[-3000:]  # both, the same step
     assert max(step_losses(out)) == stopped_at
+
+
+# Process 1 dies outright (no handler runs) when the processes compare notes after step 2.
+DEATH_SCRIPT = """
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+import torch
+import qlora_kit.train.loop as loop
+from qlora_kit.errors import exit_on_user_error
+from qlora_kit.bench.resilience import synthetic_dataset, train_once
+sys.path.insert(0, sys.argv[3])
+from test_data_parallel import ARGS, EXAMPLES, LENGTH, LORA, VOCAB
+compare, steps = loop.signal_of_any_process, []
+
+
+def dies_after_step_2(accelerator, received):
+    steps.append(1)
+    if accelerator.process_index == 1 and len(steps) == 2:
+        os._exit(3)
+    return compare(accelerator, received)
+
+
+loop.signal_of_any_process = dies_after_step_2
+args = replace(ARGS, output_dir=sys.argv[2], per_device_train_batch_size=2, max_steps=1000, save_steps=1)
+exit_on_user_error(train_once)(Path(sys.argv[1]), synthetic_dataset(EXAMPLES, LENGTH, VOCAB), args, LORA,
+                               torch.device("cpu"))
+"""
+
+
+def test_a_process_that_dies_makes_the_other_stop_with_one_line(tmp_path, model_dir):
+    out = tmp_path / "run"
+    started = time.time()
+    result = launch(DEATH_SCRIPT, model_dir, out)
+    assert result.returncode != 0 and time.time() - started < 300  # no hang in the dead process's collective
+    newest = out / "checkpoints" / "step-1"  # step 2's exchange is where process 1 died: before its checkpoint
+    line = (f"error: process 0 of 2: another process of this run died after step 2 (its own error is above); "
+            f"stopping too. The newest checkpoint is {newest}: resume with --resume_from_checkpoint {newest}.")
+    assert line in result.stderr.splitlines(), result.stderr[-3000:]
+    assert "[rank0]: Traceback" not in result.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]

@@ -15,14 +15,15 @@ batch (data/batches.py), the step's trained tokens are counted over all of them,
 writes the metrics and the checkpoints: the run is that of one process with a batch N times as
 large. A signal to any process stops them all after the same step (the processes compare notes
 every step, the one wait on the device they add), with one checkpoint that holds every process's
-RNG state.
+RNG state. A process that dies makes the others stop at their next exchange with one line
+(errors.LostProcess) naming the newest checkpoint, rather than a collective's traceback.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 from qlora_kit.config import TrainArguments
 from qlora_kit.data.batches import collate, epoch_batches, process_share
 from qlora_kit.data.tokenize import IGNORE_INDEX
-from qlora_kit.errors import UserError
+from qlora_kit.errors import LostProcess, UserError
 from qlora_kit.log import logger
 from qlora_kit.train.checkpoint import (DataPosition, TrainState, best_checkpoint, checkpoints_dir, remove_leftovers,
                                         resume_training, rotate_checkpoints, save_checkpoint)
@@ -188,6 +189,28 @@ def signal_of_any_process(accelerator: Accelerator, received: Optional[int]) -> 
     return int(flags.max()) or None
 
 
+def another_process_died(error: BaseException) -> bool:
+    """Whether a collective failed because a peer process is gone: torch's distributed errors, or gloo's TCP
+    transport, which raises a plain RuntimeError naming itself ("gloo/transport ... Connection reset by peer")."""
+    return isinstance(error, torch.distributed.DistError) or "gloo/transport" in str(error)
+
+
+@contextmanager
+def lost_process_stops(accelerator: Accelerator, state: TrainState, stop: StopSignals) -> Iterator[None]:
+    """Turn the failed collective of a process whose peer died into a `LostProcess` naming what to resume."""
+    try:
+        yield
+    except RuntimeError as error:
+        if accelerator.num_processes == 1 or not another_process_died(error):
+            raise
+        newest = stop.newest_checkpoint
+        resume = (f"The newest checkpoint is {newest}: resume with --resume_from_checkpoint {newest}." if newest
+                  else "No checkpoint was written yet.")
+        raise LostProcess(f"process {accelerator.process_index} of {accelerator.num_processes}: another process of "
+                          f"this run died after step {state.step} (its own error is above); stopping too. "
+                          f"{resume}") from None
+
+
 def train(
     model,
     train_dataset: Dataset,
@@ -209,6 +232,7 @@ def train(
 
     Raises:
         TrainingStopped: SIGINT/SIGTERM arrived; a checkpoint was written (exit code 128 + signal).
+        LostProcess: another process of the run died.
         UserError: a checkpoint could not be written, too many steps in a row were not finite, or the LoRA
             weights hold NaN or inf (they are never saved so).
     """
@@ -251,8 +275,8 @@ def train(
 
     batches = step_batches(train_dataset, args, pad_id, state.data, accelerator.process_index, accelerator.num_processes)
     loss_checked = False
-    with stop, tqdm(total=total_steps, initial=state.step, desc="training",
-                    disable=not accelerator.is_main_process) as bar:
+    with stop, lost_process_stops(accelerator, state, stop), tqdm(
+            total=total_steps, initial=state.step, desc="training", disable=not accelerator.is_main_process) as bar:
         while state.step < total_steps:
             step = next(batches)
             if not loss_checked:  # once per run: the chunked loss against the model's own
