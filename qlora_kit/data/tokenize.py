@@ -19,8 +19,8 @@ token, four times more each time a prefix falls short). What the truncation poli
 unchanged: the first max_seq_length tokens are those of the whole text, since the cut lies at
 least PREFIX_MARGIN_TOKENS tokens further on, farther than a different split at the cut reaches
 back; and the full count was above max_seq_length anyway. Tokenizing such a record whole would
-cost tokenizer memory in proportion to its size (docs/benchmarks.md, Data), only to cut or drop
-it. Such records are counted (`prefix_only`).
+cost tokenizer memory many times its size (docs/benchmarks.md, Data), only to cut or drop it.
+Such records are counted (`prefix_only`).
 
 A tokenizer without a chat template gets ChatML, said once. Plain text (role "text") is
 tokenized as is, with the tokenizer's own special tokens and an end-of-sequence token, and every
