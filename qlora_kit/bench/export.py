@@ -57,7 +57,7 @@ def folder_bytes(folder: Path) -> int:
 
 
 def memory_bound(largest_tensor_bytes: int) -> int:
-    """The issue's bound on the merge's peak RSS: 3 x the largest tensor + 1.5 GB."""
+    """The bound the merge's peak RSS is held to: 3 x the largest tensor + 1.5 GB."""
     return 3 * largest_tensor_bytes + int(1.5e9)
 
 

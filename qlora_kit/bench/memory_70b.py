@@ -2,7 +2,7 @@
 
 The logic of tools/bench_70b.py, its command line:
 
-    python tools/bench_70b.py --out bench_70b.json          # on a GPU with >= 48 GiB: about 3-4 minutes
+    python tools/bench_70b.py --out bench_70b.json          # on a GPU with >= 48 GiB
     python tools/bench_70b.py --layers 20 --out b.json      # a shorter version
     python tools/bench_70b.py --tiny --out b.json           # the same code paths at a tiny size, on CPU
 

@@ -2,7 +2,7 @@
 
 The logic of tools/measure_stream_load.py, its command line:
 
-    python tools/measure_stream_load.py                # ~1.1B parameters (TinyLlama's shape), a few minutes on CPU
+    python tools/measure_stream_load.py                # ~1.1B parameters (TinyLlama's shape)
     python tools/measure_stream_load.py --layers 4 --vocab 8192   # the size the tests use
 
 Writes the random model layer by layer into safetensors shards (never whole in memory), loads it

@@ -1,12 +1,12 @@
 """Faster equivalents of `apply_chat_template` and the tokenizer call, used only where they agree.
 
 Tokenizing a conversation renders its chat template several times (once per reply boundary), and
-`apply_chat_template` spends about half of each call copying and checking the messages before
-the compiled Jinja template runs. Messages here are already plain {role, content} dicts of text,
+`apply_chat_template` spends much of each call copying and checking the messages before the
+compiled Jinja template runs. Messages here are already plain {role, content} dicts of text,
 so the compiled template (transformers' own, with its own globals) is called directly. Likewise the
 fast tokenizer's Rust backend is called directly on a whole batch of texts. Each shortcut is taken
 only after it gave exactly the library's result on a sample conversation; otherwise the library
-call is used. Together they halve the time of the data stage.
+call is used. docs/benchmarks.md (Data) has what they save.
 """
 
 from __future__ import annotations

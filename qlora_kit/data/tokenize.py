@@ -18,8 +18,9 @@ to hold max_seq_length + PREFIX_MARGIN_TOKENS tokens (first PREFIX_CHARS_PER_TOK
 token, four times more each time a prefix falls short). What the truncation policies see is
 unchanged: the first max_seq_length tokens are those of the whole text, since the cut lies at
 least PREFIX_MARGIN_TOKENS tokens further on, farther than a different split at the cut reaches
-back; and the full count was above max_seq_length anyway. Without it one 49 MB record took 5 GB
-of tokenizer memory before it was cut or dropped. Such records are counted (`prefix_only`).
+back; and the full count was above max_seq_length anyway. Tokenizing such a record whole would
+cost tokenizer memory many times its size (docs/benchmarks.md, Data), only to cut or drop it.
+Such records are counted (`prefix_only`).
 
 A tokenizer without a chat template gets ChatML, said once. Plain text (role "text") is
 tokenized as is, with the tokenizer's own special tokens and an end-of-sequence token, and every

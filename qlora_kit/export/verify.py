@@ -8,16 +8,16 @@ max |logit difference| of merged vs adapter, and the same figures for the dense 
 adapter model: the noise floor of running those very weights in the export dtype, which a merge into
 the NF4 base should sit at, while a merge into the original weights drifts past it. The floor is
 taken on the trained model, not the base alone: a fine-tuned model has more near-ties between its top
-two tokens, so the same rounding flips more of them (on the demo after a few steps at a high learning
-rate, 94% top-1 agreement where the base alone gives 98%). The base-alone figures are reported too.
+two tokens, so the same rounding flips more of them (docs/benchmarks.md, Export verify, has the
+demo's figures). The base-alone figures are reported too.
 
 The floor is only as good as the two models it compares, so it is checked first: the adapter model
 through the 4-bit kernel, and its dense copy in the export dtype, must each agree with the same
 dequantized weights run dense in float32 as a dtype's rounding does (top-1 agreement at least
 `FLOOR_CHECK_TOP1`, mean |logit diff| at most `FLOOR_CHECK_MEAN_RATIO` of the float32 logits' mean
-|value|). Rounding to bf16 gives 94.2% and 2.1% (the demo after 3 steps at lr 5e-3: mean |diff| 0.157,
-float32 logits' mean |value| 7.48; the fp32-compute kernel matches float32 exactly); a kernel computing
-something else (bitsandbytes' repacked CPU layout read the wrong way gave 0% and 7.8) fails by far.
+|value|). Rounding to bf16 stays well inside those limits and the fp32-compute kernel matches
+float32 exactly, while a kernel computing something else (such as bitsandbytes' repacked CPU layout
+read the wrong way) fails by far; docs/benchmarks.md (Export verify) has the figures behind the limits.
 A floor that fails is reported as invalid: no verdict, and the command exits with code 1. The float32
 copy costs 4 bytes per parameter of host or GPU memory while it runs.
 """

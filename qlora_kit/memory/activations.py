@@ -2,7 +2,7 @@
 
 N = micro_batch_size x max_seq_length tokens, d = compute dtype bytes, H hidden, q = heads x head_dim,
 kv = kv_heads x head_dim, I the MLP width, V the vocabulary. The counts follow what PyTorch's autograd
-saves for a transformers decoder block (measured with saved-tensor hooks, see tests/test_plan_memory.py):
+saves for a transformers decoder block (measured with saved-tensor hooks, see tests/test_plan_bytes.py):
 a product with a frozen operand saves only that operand, so the norms' weights and the rotary cos/sin
 cost no activation memory, while every RMSNorm keeps an fp32 copy of its input.
 

@@ -18,7 +18,7 @@ the tensor itself: a no-op with the same gradients, which is what the CPU tests 
 Why not transformers' `activation_checkpointing_enable(offload=True)` (5.24+): it wraps torch's
 `save_on_cpu` around the checkpoint, whose copies run on the compute stream and are not prefetched
 (each layer's backward waits for its own host-to-device copy), and it does not exist in transformers
-5.17, which the GPU machines run. Why not torch's non-reentrant checkpoint with saved-tensor hooks:
+5.17, which pyproject.toml supports. Why not torch's non-reentrant checkpoint with saved-tensor hooks:
 that checkpoint keeps its inputs alive in a closure, out of reach of the hooks, so the very tensor
 to offload would stay on the GPU. The function here is a reentrant-style checkpoint (an autograd
 Function that runs an inner backward), as torch's `use_reentrant=True` checkpoint is.

@@ -30,7 +30,7 @@ recipe and the layer streaming of the frozen base rely on:
 The choice: keep every layer resident and activations on the GPU if that fits (fastest); else
 offload activations (one hidden state per layer crosses PCIe twice per step, cheap); else stream
 the fewest decoder layers that makes it fit (a layer's weights cross PCIe twice per step). Explicit
-user settings (offload, chunk size) are kept and only checked.
+user settings (offload, chunk size, resident layers) are kept and only checked.
 
 The peak is static bytes (weights, LoRA weights, gradients, optimizer states) + the checkpointed
 hidden states + the larger of two phases: one layer's recompute and backward, or the final hidden

@@ -16,8 +16,9 @@ streamed layer crosses PCIe twice per micro-batch. `LayerMajorStep` runs one opt
 So every streamed layer is copied to the GPU once in step 2 and once in step 4 per optimizer step.
 LoRA gradients accumulate across micro-batches as in the plain order; with dropout off, the losses
 and the update equal the plain order's within float rounding (with dropout the masks are drawn in
-another order, an equally valid draw). Host RAM for the boundaries: micro-batches x (layers + 1)
-x tokens x hidden size x 2 bytes in bf16, e.g. 10.6 GB for 4 x 2048 tokens of a 70B model.
+another order, an equally valid draw). Host RAM for the boundaries: micro-batches x layers x tokens
+x hidden size x 2 bytes in bf16, e.g. 10.7 GB for 4 x 2048 tokens of a 70B model (80 layers, hidden
+8192), as the memory plan counts it.
 
 No model-specific code: the driver swaps each decoder layer's `forward` for a recorder (step 1) or
 a replay of the top boundary (step 3) while the model's own forward runs, through

@@ -26,7 +26,7 @@ backward into the next forward. At most `layers_in_flight` streamed layers are o
 moment (including those being copied). `qlora_kit.memory.reorder` drives the same streamer by
 hand to run all micro-batches of an optimizer step through a layer before the next.
 
-What was tried first, and why these hooks won: FSDP2 (`fully_shard` with `CPUOffloadPolicy`) on
+Why these hooks and not FSDP2: FSDP2 (`fully_shard` with `CPUOffloadPolicy`) on
 a single device would also carry over to several GPUs. On CPU (gloo, world size 1) it accepts a
 `Linear4bit`: the weight becomes a plain DTensor and bitsandbytes restores its `quant_state` from
 the module, so forward and backward match. But (1) the offload policy covers a whole FSDP unit,
@@ -35,7 +35,7 @@ gradients and optimizer state must stay on the GPU: each base projection would n
 (7 per layer); (2) only parameters move, so the 4-bit block scales (3% of the bytes) stay on the
 GPU; (3) it needs a process group even on one GPU; (4) keeping a layer through every micro-batch
 of a step (layer-major order) means driving FSDP2's unshard/reshard by hand anyway. The hooks here
-are about 250 lines and keep bitsandbytes' own modules untouched. tools/bench_70b.py probes FSDP2's
+are short and keep bitsandbytes' own modules untouched. tools/bench_70b.py probes FSDP2's
 CPU offload on a GPU (correctness, where the LoRA gradients end up, time and peak memory against
 these hooks) and docs/benchmarks.md records its answer.
 """
@@ -363,7 +363,7 @@ def setup_streaming(model: nn.Module, resident_layers: int, layers_in_flight: in
                     device: torch.device) -> Optional[LayerStreamer]:
     """Stream all but `resident_layers` decoder layers (-1: none stream); None when nothing streams.
 
-    The memory plan (issue 6) supplies `resident_layers` and `layers_in_flight`.
+    The memory plan supplies `resident_layers` and `layers_in_flight`.
     """
     _, blocks = find_decoder_blocks(model)
     streamed = streamed_layer_indices(len(blocks), resident_layers)

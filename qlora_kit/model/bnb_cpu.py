@@ -17,8 +17,8 @@ qlora_kit keeps one layout and one set of numerics on every CPU:
 - `canonical_weight(param)` is how code reads a 4-bit weight's packed bytes and quant_state. A weight
   repacked by code outside qlora_kit (a model the user ran before handing it over) is brought back to
   the canonical layout with bitsandbytes' own inverse, said once since that inverse is lossy.
-The repacked path's eval speed on the demo was not measured: no CPU with AVX512-BF16 was on hand
-(docs/benchmarks.md). It is off for every use, since its bf16 numerics are not those of training.
+It is off for every use, since its bf16 numerics are not those of training (docs/benchmarks.md
+says how to time the repacked path on a CPU that has AVX512-BF16).
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@ This module is the one place that knows transformers' model internals. For each 
 (keyed by config.json's `model_type`) a `Family` says where the decoder layers, the final norm and
 the embeddings are, which projections a decoder block has (fused ones included: Phi-3's `qkv_proj`
 and `gate_up_proj`), what the causal-LM forward does to the logits after `lm_head` (Gemma's final
-softcapping, Cohere's `logit_scale`, Granite's `logits_scaling`), and the conventions the
-merge and the planner may rely on: Gemma's embedding scale (sqrt(hidden)), its `(1 + w)` norms, and
-sliding-window layers. A model of another family still trains: its projections are found by
-name (qlora_kit/model/targets.py) and its loss is the model's own (qlora_kit/train/loss.py).
+softcapping, Cohere's `logit_scale`, Granite's `logits_scaling`), and conventions that code reading
+the weights directly would need: Gemma's embedding scale (sqrt(hidden)), its `(1 + w)` norms, and
+sliding-window layers (tests/test_families.py checks each against the model). A model of another
+family still trains: its projections are found by name (qlora_kit/model/targets.py) and its loss is
+the model's own (qlora_kit/train/loss.py).
 
 It also owns the two explicit wrappers through which qlora_kit changes how transformers runs a
 decoder layer, each checked to exist rather than assumed: the layer's checkpoint function

@@ -31,12 +31,12 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     """Reentrant activation checkpointing, with gradients flowing from the frozen embeddings.
 
     Reentrant: each checkpointed layer's forward runs without building an autograd graph. The
-    non-reentrant variant records one (for the frozen NF4 projections too); measured on the demo at
-    4 x 512 tokens on CPU, it took the same time per step but a peak RSS of 5.4 GiB instead of
-    2.9 GiB (the graph's small allocations between large freed buffers keep glibc from reusing them).
+    non-reentrant variant records one (for the frozen NF4 projections too), at the same speed but a
+    much higher peak RSS: the graph's small allocations between large freed buffers keep glibc from
+    reusing them (docs/benchmarks.md, the speed section, has the figures).
     """
     kwargs = {"use_reentrant": True}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.20 renamed it
+    if hasattr(model, "activation_checkpointing_enable"):  # the name in transformers >= 5.20
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -1,9 +1,10 @@
 """Which Linear modules are the attention and MLP projections, for any decoder architecture.
 
 For a family qlora_kit knows (qlora_kit/model/family.py) the decoder layers and projections are
-the family's, checked to be there. Any other model's are found from the model itself: the decoder blocks are the largest `ModuleList` of the model, and every linear
-layer inside a block (nn.Linear, bitsandbytes' 4-bit and 8-bit layers, GPT-2's Conv1D) whose
-path runs through an attention or MLP module is a projection. MoE routers are left out.
+the family's, checked to be there. Any other model's are found from the model itself: the decoder
+blocks are the `ModuleList` holding the most parameters, and every linear layer inside a block (nn.Linear,
+bitsandbytes' 4-bit and 8-bit layers, GPT-2's Conv1D) whose path runs through an attention or MLP
+module is a projection. MoE routers are left out.
 """
 
 from __future__ import annotations

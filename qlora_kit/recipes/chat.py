@@ -1,11 +1,11 @@
 """`python -m qlora_kit.recipes.chat`: QLoRA fine-tuning of a chat model, setup -> train -> save.
 
 With no arguments it runs the built-in demo (recipes/chat/demo.yaml): SmolLM2-135M-Instruct on
-the chatterbot-corpus English conversations, a few minutes on two CPU cores. Every field is
+the chatterbot-corpus English conversations, small enough for a CPU. Every field is
 listed by --help; --config YAML sets many at once and flags override it. --preview_data N shows
 what the run would train on and stops before the model: the training stack (peft, bitsandbytes,
 accelerate, the model and training modules) is imported inside `run`, after that check, so a
-preview takes seconds.
+preview does not wait for those imports.
 """
 
 from __future__ import annotations
