@@ -204,11 +204,11 @@ def memory_plan(args, cap_bytes: int):
     """The memory planner's plan for the full 70B run under the cap: it picks the resident layers."""
     import psutil
 
-    from qlora_kit.memory.budget import RunSettings
+    from qlora_kit.memory.budget import PlanSettings
     from qlora_kit.memory.plan import plan_memory
     from qlora_kit.memory.shapes import model_shape
 
-    settings = RunSettings(micro_batch_size=1, max_seq_length=args.seq, lora_r=args.lora_r, lora_dropout=0.0,
+    settings = PlanSettings(micro_batch_size=1, max_seq_length=args.seq, lora_r=args.lora_r, lora_dropout=0.0,
                            optim="paged_adamw_8bit", offload_activations=False,
                            layer_major_micro_batches=args.grad_accum)
     return plan_memory(model_shape("llama-3.1-70b"), settings, cap_bytes, psutil.virtual_memory().total)
