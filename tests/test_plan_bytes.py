@@ -13,7 +13,7 @@ from qlora_kit.memory.shapes import meta_model, model_shape, shape_from_model
 from qlora_kit.bench.memory_track import LiveTensorBytes
 from qlora_kit.model.load import load_quantized_model
 from qlora_kit.model.lora import add_lora, enable_gradient_checkpointing
-from qlora_kit.bench.random_init import random_quantized_model
+from qlora_kit.bench.random_model import random_quantized_model
 from qlora_kit.train.loss import batch_loss_sum, set_loss_chunk_size
 from qlora_kit.train.optim import build_optimizer
 from tiny_models import save_tiny_model, tiny_config

@@ -35,6 +35,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from qlora_kit.bench.random_model import random_tensor  # noqa: E402
 from qlora_kit.config import LoraArguments, ModelArguments, TrainArguments  # noqa: E402
 from qlora_kit.memory.reorder import LayerMajorStep  # noqa: E402
 from qlora_kit.memory.stream import LayerStreamer  # noqa: E402
@@ -239,8 +240,7 @@ def build_model(shape: dict, device: torch.device, dtype: torch.dtype, streamed:
         module = model.get_submodule(name.rpartition(".")[0])
         if isinstance(module, bnb.nn.Linear4bit):
             shape_ = (module.out_features, module.in_features)
-        value = torch.ones(shape_, dtype=dtype, device=device) if is_norm else \
-            torch.empty(shape_, dtype=dtype, device=device).normal_(0, 0.02)
+        value = random_tensor(shape_, dtype, device, 0.02, ones=is_norm)
         placer.put(name, value)
         del value
     if current in planned:

@@ -26,7 +26,7 @@ from qlora_kit.memory.offload import enable_activation_offload
 from qlora_kit.memory.plan import GiB, plan_memory
 from qlora_kit.memory.shapes import ModelShape, load_model_config, meta_model, shape_from_model
 from qlora_kit.model.lora import add_lora, enable_gradient_checkpointing
-from qlora_kit.bench.random_init import random_quantized_model
+from qlora_kit.bench.random_model import random_quantized_model
 from qlora_kit.train.loss import batch_loss_sum, set_loss_chunk_size
 from qlora_kit.train.optim import build_optimizer
 

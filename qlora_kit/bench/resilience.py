@@ -32,6 +32,7 @@ from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import set_seed
 
+from qlora_kit.bench.random_model import save_random_model
 from qlora_kit.bench.synthetic_data import synthetic_dataset
 from qlora_kit.config import LoraArguments, ModelArguments, TrainArguments
 from qlora_kit.model.load import choose_compute_dtype, load_quantized_model
@@ -52,11 +53,8 @@ PAD_ID = 0
 
 def write_random_llama(folder: Path, size: str = "tiny", seed: int = 0) -> Path:
     """A random-weight Llama of the named size, saved in bf16 as an HF folder."""
-    torch.manual_seed(seed)
     config = transformers.LlamaConfig(max_position_embeddings=512, pad_token_id=PAD_ID, **SIZES[size])
-    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    return folder
+    return save_random_model(folder, config, torch.bfloat16, seed)
 
 
 def train_once(model_dir: Path, dataset: Dataset, args: TrainArguments, lora: LoraArguments, device: torch.device,

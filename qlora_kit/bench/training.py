@@ -71,7 +71,7 @@ def load_base(model: str, compute_dtype: torch.dtype, device: torch.device):
 
     from qlora_kit.config import ModelArguments
     from qlora_kit.model.load import load_quantized_model
-    from qlora_kit.bench.random_init import random_quantized_model
+    from qlora_kit.bench.random_model import random_quantized_model
 
     path = Path(model)
     if path.is_file() and path.suffix == ".json":
