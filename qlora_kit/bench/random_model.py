@@ -1,23 +1,13 @@
-"""Random-weight models for tests and benchmarks, built in memory or written to disk, and random LoRA runs.
+"""Random-weight models for tests and benchmarks, in memory or on disk, and random LoRA runs for them.
 
-In memory:
-- `random_model`: a transformers model of a config with transformers' own seeded init (small shapes:
-  it is materialised whole).
-- `random_quantized_model`: a model of a config's shape with random NF4 projections, never whole in
-  bf16: it is built on the meta device with its projections already bitsandbytes `Linear4bit`,
-  exactly as the streaming loader builds it (so the layers `from_pretrained` would quantize are
-  quantized), and each projection gets a random weight that is quantized on `device` before the
-  next one is drawn. What comes out is the same kind of model `load_quantized_model` returns, with
-  random values, for shapes (8B, 70B) whose weights cannot travel.
-
-On disk:
-- `save_random_model`: `random_model` saved with `save_pretrained` (a small model, exact seeded values).
-- `write_random_model`: written tensor by tensor (in row chunks) with the streaming shard writer, so an
-  8B shape never sits in RAM; shards by size (`max_shard_size`) or by decoder layers (`layer_shards`).
-
-Runs: `write_random_run` writes a real PEFT adapter (peft's LoraConfig, safetensors with peft's key
-names) with random A and B != 0 for a model folder, and run_config.yaml as the chat recipe writes it
-(`write_run_record`); `perturb_adapter` gives an adapter model in memory a trained look.
+`random_model` is transformers' own seeded init (small shapes), saved by `save_random_model`.
+`random_quantized_model` is never whole in bf16: built on the meta device with its projections
+already `Linear4bit`, as the streaming loader builds it, each projection gets a random weight
+quantized on `device` before the next is drawn: the kind of model `load_quantized_model` returns,
+for shapes (8B, 70B) whose weights cannot travel. `write_random_model` writes a folder tensor by
+tensor (in row chunks) with the streaming shard writer, so an 8B shape never sits in RAM.
+`write_random_run` writes a real PEFT adapter (random A, B != 0) with run_config.yaml as the chat
+recipe writes it (`write_run_record`); `perturb_adapter` gives an adapter in memory a trained look.
 """
 
 from __future__ import annotations

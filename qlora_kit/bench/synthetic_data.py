@@ -3,10 +3,8 @@
 The conversations' words are drawn from a fixed list with a Zipf-like skew, so the text tokenizes
 like prose (common short words, some longer ones) rather than like random characters.
 
-The tokenized examples are random token ids whose first part is a prompt (labels -100), as the
-data stage would make them: `random_token_examples` builds them; `synthetic_examples` (the speed
-benchmark's spread of lengths) and `synthetic_dataset` (the resilience checks', as a `Dataset`)
-are its two uses.
+Tokenized examples (`random_token_examples`) are random ids whose first part is a prompt (labels
+-100): `synthetic_examples` makes the speed benchmark's, `synthetic_dataset` the resilience checks'.
 """
 
 from __future__ import annotations
@@ -78,16 +76,8 @@ def write_jsonl(conversations: list[list[dict[str, str]]], path: Path) -> Path:
 
 def random_token_examples(count: int, vocab_size: int, lengths: tuple[int, int], first_id: int, seed: int = 0,
                           prompt_share: Optional[tuple[float, float]] = None) -> list[dict[str, list[int]]]:
-    """Examples of random token ids whose first part is a prompt (labels -100).
-
-    Args:
-        count: how many examples.
-        vocab_size: ids are drawn from [first_id, vocab_size).
-        lengths: the shortest and longest length, both included.
-        first_id: the smallest id drawn (the ones below are left for special tokens).
-        seed: the seed of the examples' own random generator.
-        prompt_share: the prompt's share of each example is drawn from this range; None: a third.
-    """
+    """Examples of random ids in [first_id, vocab_size), of lengths in `lengths` (both included), whose
+    first part is a prompt (labels -100): a share drawn from `prompt_share`, or a third when it is None."""
     rng = random.Random(seed)
     examples = []
     for _ in range(count):
