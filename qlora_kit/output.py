@@ -27,13 +27,12 @@ from qlora_kit.data.load import parse_sources
 from qlora_kit.errors import UserError
 from qlora_kit.fingerprint import compare, model_fingerprint
 from qlora_kit.log import logger, notice_once
-from qlora_kit.paths import check_output_parent, check_writable
+from qlora_kit.paths import RUN_MARKER, check_output_parent, check_writable
 from qlora_kit.train.checkpoint import list_checkpoints, resolve_resume_dir
 from qlora_kit.train.guard import refuse_nonfinite_weights
 from qlora_kit.train.metrics import MetricsLog, plot_loss
 from qlora_kit.train.trackers import IDS_FILE, TRACKER_FOLDERS
 
-RUN_MARKER = "run_config.yaml"
 MODEL_CARD = "README.md"  # peft writes a model card with the adapter; the run's only when it is one
 # The top-level files and folders a run writes, whichever tokenizer it has: what --overwrite_output_dir removes.
 RUN_FILES = frozenset({

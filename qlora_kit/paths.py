@@ -1,4 +1,5 @@
-"""Cheap checks of a folder the user names for writing, run before anything slow (a model load) starts."""
+"""Cheap checks of a folder the user names for writing, run before anything slow (a model load) starts; and the
+names of a run folder's files that both training and export use (this module imports nothing heavy)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import tempfile
 from pathlib import Path
 
 from qlora_kit.errors import UserError
+
+RUN_MARKER = "run_config.yaml"  # the file that makes a folder a qlora_kit run folder
 
 
 def check_output_parent(output: Path, flag: str = "--output_dir", beside: bool = False) -> None:

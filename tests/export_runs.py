@@ -7,24 +7,13 @@ from typing import Optional
 
 import torch
 
-from qlora_kit.config import DataArguments, LoraArguments, ModelArguments, RunConfig, TrainArguments, write_run_config
-from qlora_kit.fingerprint import model_fingerprint
+from qlora_kit.bench.random_model import perturb_adapter, write_run_record
+from qlora_kit.config import LoraArguments, ModelArguments
 from qlora_kit.model.load import load_quantized_model
 from qlora_kit.model.lora import add_lora
 from tiny_models import save_tiny_model
 
 CPU = torch.device("cpu")
-
-
-def perturb_adapter(model, seed: int = 1, scale: float = 0.05) -> None:
-    """Give the adapter weights a trained look: B (zero at init) and the DoRA magnitudes move."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name or "lora_embedding_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
-            elif "lora_magnitude_vector" in name:
-                parameter.mul_(1 + 0.1 * torch.randn(parameter.shape, generator=generator))
 
 
 def make_run(folder: Path, architecture: str = "llama", compute_dtype: torch.dtype = torch.float32,
@@ -51,10 +40,5 @@ def adapt_and_save(base: Path, run: Path, compute_dtype: torch.dtype = torch.flo
     adapted.save_pretrained(run)
     if tokenizer is not None:
         tokenizer.save_pretrained(run)
-    config = RunConfig(model_args, lora_args, DataArguments(), TrainArguments(output_dir=str(run)))
-    write_run_config(config, run / "run_config.yaml", resolved={
-        "base_model_dir": str(base), "compute_dtype": str(compute_dtype).removeprefix("torch."),
-        "lora_dtype": "float32", "quantization": {"quant_type": "nf4", "double_quant": True}, "device": "cpu",
-        "model_fingerprint": model_fingerprint(base),
-    })
+    write_run_record(run, model_args, lora_args, str(compute_dtype).removeprefix("torch."), "float32", device="cpu")
     return base, run, adapted.eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qlora_kit.bench.random_model import perturb_adapter
 from qlora_kit.config import LoraArguments, ModelArguments
 from qlora_kit.memory.stream import setup_streaming
 from qlora_kit.model.load import load_quantized_model
@@ -35,10 +36,6 @@ def lora_model(folder, resident_layers=-1, in_flight=2, checkpointing=True, drop
         enable_gradient_checkpointing(model)
     torch.manual_seed(0)
     model = add_lora(model, LoraArguments(lora_r=4, lora_dropout=dropout), lora_dtype=torch.float32)
-    with torch.no_grad():  # B starts at zero, which would make every lora_A gradient zero
-        generator = torch.Generator().manual_seed(3)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator).to(p.device) * 0.1)
+    perturb_adapter(model, seed=3, scale=0.1)  # B starts at zero, which would make every lora_A gradient zero
     model.train()
     return model, streamer

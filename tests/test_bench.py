@@ -6,7 +6,7 @@ import torch
 
 from qlora_kit.bench.training import BenchSettings, compare, format_table, synthetic_examples
 from qlora_kit.data.batches import collate
-from qlora_kit.bench.random_init import random_quantized_model
+from qlora_kit.bench.random_model import random_quantized_model
 from qlora_kit.train.loss import batch_loss_sum, count_trained_tokens
 from tiny_models import VOCAB, tiny_config
 

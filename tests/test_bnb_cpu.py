@@ -9,7 +9,7 @@ import torch
 from qlora_kit.config import ModelArguments
 from qlora_kit.model.bnb_cpu import canonical_weight, four_bit_layers, is_repacked, keep_canonical_layout
 from qlora_kit.model.load import load_quantized_model
-from qlora_kit.bench.random_init import random_quantized_model
+from qlora_kit.bench.random_model import random_quantized_model
 from qlora_kit.model.stream_load import load_streaming
 from tiny_models import save_tiny_model, tiny_config
 

@@ -12,7 +12,7 @@ from cli import run_main
 from qlora_kit.errors import UserError, exit_on_user_error
 from qlora_kit.memory.apply import plan_command
 from qlora_kit.memory import activations as act
-from qlora_kit.memory.budget import (RunSettings, adapted_linears, lora_tensor_numels, nf4_bytes,
+from qlora_kit.memory.budget import (PlanSettings, adapted_linears, lora_tensor_numels, nf4_bytes,
                                      optimizer_state_bytes, weight_bytes)
 from qlora_kit.memory.plan import GiB, budget_rows, format_table, gpu_peak, parse_memory_size, plan_memory
 from qlora_kit.memory.shapes import model_shape, shape_from_model, meta_model
@@ -70,7 +70,7 @@ def test_named_targets_adapt_only_those(tiny_shape):
 
 
 def test_activation_rows_by_hand(tiny_shape):
-    s = RunSettings(micro_batch_size=2, max_seq_length=32, compute_dtype="bfloat16", lora_r=8, lora_dropout=0.0,
+    s = PlanSettings(micro_batch_size=2, max_seq_length=32, compute_dtype="bfloat16", lora_r=8, lora_dropout=0.0,
                     padded_batches=False)
     N, q, kv = 64, HEADS * HD, KV * HD
     assert act.checkpoint_bytes(tiny_shape, s) == N * H * 2
@@ -94,7 +94,7 @@ def test_shipped_shapes_have_the_published_sizes(name, billions):
 
 def test_llama_70b_on_24_and_48_gib():
     shape = model_shape("llama-3.1-70b")
-    settings = RunSettings(max_seq_length=4096)
+    settings = PlanSettings(max_seq_length=4096)
     small = plan_memory(shape, settings, 24 * GiB, 128 * GiB)
     assert small.fits and small.streamed_layers > 0 and small.offload_activations
     assert small.resident_layers + small.streamed_layers == 80 and small.layers_in_flight == 2
@@ -107,32 +107,32 @@ def test_llama_70b_on_24_and_48_gib():
 
 def test_the_plan_prefers_resident_layers_then_offload_then_streaming():
     shape = model_shape("llama-3.1-8b")
-    settings = RunSettings(max_seq_length=4096)
+    settings = PlanSettings(max_seq_length=4096)
     roomy = plan_memory(shape, settings, 80 * GiB, 64 * GiB)
     assert roomy.fits and not roomy.offload_activations and roomy.streamed_layers == 0
-    offloaded = plan_memory(shape, RunSettings(max_seq_length=4096, offload_activations=True), 80 * GiB, 64 * GiB)
+    offloaded = plan_memory(shape, PlanSettings(max_seq_length=4096, offload_activations=True), 80 * GiB, 64 * GiB)
     between = (roomy.predicted_peak_gpu_bytes + offloaded.predicted_peak_gpu_bytes) // 2
     tight = plan_memory(shape, settings, between, 64 * GiB)
     assert tight.fits and tight.offload_activations and tight.streamed_layers == 0
-    forced = plan_memory(shape, RunSettings(max_seq_length=4096, offload_activations=False), between, 64 * GiB)
+    forced = plan_memory(shape, PlanSettings(max_seq_length=4096, offload_activations=False), between, 64 * GiB)
     assert forced.fits and forced.streamed_layers > 0 and not forced.offload_activations
 
 
 def test_nothing_fits_says_what_is_missing():
-    plan = plan_memory(model_shape("llama-3.1-70b"), RunSettings(max_seq_length=4096), 8 * GiB, 128 * GiB)
+    plan = plan_memory(model_shape("llama-3.1-70b"), PlanSettings(max_seq_length=4096), 8 * GiB, 128 * GiB)
     assert not plan.fits and plan.max_micro_batch_size == 0
     assert "does not fit" in plan.explanation and "GPU memory" in plan.explanation
-    short_host = plan_memory(model_shape("llama-3.1-70b"), RunSettings(max_seq_length=4096), 24 * GiB, 16 * GiB)
+    short_host = plan_memory(model_shape("llama-3.1-70b"), PlanSettings(max_seq_length=4096), 24 * GiB, 16 * GiB)
     assert not short_host.fits and "host RAM" in short_host.explanation
 
 
 def test_largest_batch_and_sequence_that_fit():
     shape = model_shape("llama-3.1-8b")
-    plan = plan_memory(shape, RunSettings(micro_batch_size=1, max_seq_length=2048), 24 * GiB, 64 * GiB)
+    plan = plan_memory(shape, PlanSettings(micro_batch_size=1, max_seq_length=2048), 24 * GiB, 64 * GiB)
     assert plan.max_micro_batch_size > 1 and plan.max_seq_length_at_batch_1 > 2048
 
     def peak(batch, seq):
-        settings = RunSettings(micro_batch_size=batch, max_seq_length=seq)
+        settings = PlanSettings(micro_batch_size=batch, max_seq_length=seq)
         return gpu_peak(budget_rows(shape, settings, plan.resident_layers, plan.offload_activations, plan.loss_chunk_size))
 
     assert peak(plan.max_micro_batch_size, 2048) <= 24 * GiB < peak(plan.max_micro_batch_size + 1, 2048)
@@ -164,14 +164,14 @@ def test_streaming_follows_the_plan_unless_resident_layers_is_set():
     from qlora_kit.memory.apply import stream_arguments
 
     shape = model_shape("llama-3.1-70b")
-    planned = plan_memory(shape, RunSettings(max_seq_length=4096), 24 * GiB, 128 * GiB)
+    planned = plan_memory(shape, PlanSettings(max_seq_length=4096), 24 * GiB, 128 * GiB)
     assert planned.streamed_layers > 0
     stream = stream_arguments(StreamArguments(), planned)
     assert stream.resident_layers == planned.resident_layers and stream.layers_in_flight == planned.layers_in_flight
-    chosen = plan_memory(shape, RunSettings(max_seq_length=4096, resident_layers=10), 24 * GiB, 128 * GiB)
+    chosen = plan_memory(shape, PlanSettings(max_seq_length=4096, resident_layers=10), 24 * GiB, 128 * GiB)
     assert chosen.fits and chosen.resident_layers == 10 and chosen.streamed_layers == 70
     assert stream_arguments(StreamArguments(resident_layers=10), chosen).resident_layers == 10
-    everything = plan_memory(shape, RunSettings(max_seq_length=4096), 80 * GiB, 128 * GiB)
+    everything = plan_memory(shape, PlanSettings(max_seq_length=4096), 80 * GiB, 128 * GiB)
     assert everything.streamed_layers == 0 and stream_arguments(StreamArguments(), everything).resident_layers == -1
 
 
@@ -179,8 +179,8 @@ def test_layer_major_inputs_wait_in_host_ram_and_nothing_is_offloaded():
     """Streamed layers with 8 micro-batches a step: every micro-batch's layer inputs are held in host RAM."""
     shape = model_shape("llama-3.1-70b")
     one = 2048 * 8192 * 2  # one layer input of 2048 tokens, bf16
-    plain = plan_memory(shape, RunSettings(max_seq_length=2048), 24 * GiB, 128 * GiB)
-    layer_major = plan_memory(shape, RunSettings(max_seq_length=2048, layer_major_micro_batches=8), 24 * GiB, 128 * GiB)
+    plain = plan_memory(shape, PlanSettings(max_seq_length=2048), 24 * GiB, 128 * GiB)
+    layer_major = plan_memory(shape, PlanSettings(max_seq_length=2048, layer_major_micro_batches=8), 24 * GiB, 128 * GiB)
     assert plain.layer_major_micro_batches == 1 and layer_major.layer_major_micro_batches == 8
     rows = {row.name: row for row in layer_major.rows}
     assert rows["layer-major boundary hidden states"].bytes == 8 * 80 * one
@@ -188,15 +188,15 @@ def test_layer_major_inputs_wait_in_host_ram_and_nothing_is_offloaded():
     assert not layer_major.offload_activations and "checkpointed hidden states" not in rows
     assert layer_major.host_ram_bytes - plain.host_ram_bytes >= 8 * 80 * one - 80 * one - one
     assert "go through each layer together" in layer_major.explanation
-    resident = plan_memory(shape, RunSettings(max_seq_length=2048, layer_major_micro_batches=8), 80 * GiB, 128 * GiB)
+    resident = plan_memory(shape, PlanSettings(max_seq_length=2048, layer_major_micro_batches=8), 80 * GiB, 128 * GiB)
     assert resident.streamed_layers == 0 and resident.layer_major_micro_batches == 1  # nothing streams: plain order
 
 
 def test_the_recipe_plans_layer_major_steps_as_it_runs_them():
     from qlora_kit.config import parse
-    from qlora_kit.memory.apply import run_settings
+    from qlora_kit.memory.apply import plan_settings
 
     base = ["--model_name_or_path", "m", "--gradient_accumulation_steps", "4"]
-    assert run_settings(parse(base), "bfloat16", "bfloat16").layer_major_micro_batches == 4
+    assert plan_settings(parse(base), "bfloat16", "bfloat16").layer_major_micro_batches == 4
     off = parse(base + ["--layer_major_accumulation", "false"])
-    assert run_settings(off, "bfloat16", "bfloat16").layer_major_micro_batches == 1
+    assert plan_settings(off, "bfloat16", "bfloat16").layer_major_micro_batches == 1

@@ -7,13 +7,13 @@ import torch
 
 from qlora_kit.config import LoraArguments, ModelArguments, TrainArguments
 from qlora_kit.memory import activations as act
-from qlora_kit.memory.budget import RunSettings, adapted_linears, lora_tensor_numels, optimizer_state_bytes, weight_bytes
+from qlora_kit.memory.budget import PlanSettings, adapted_linears, lora_tensor_numels, optimizer_state_bytes, weight_bytes
 from qlora_kit.bench.memory_measure import predicted, random_batch
 from qlora_kit.memory.shapes import meta_model, model_shape, shape_from_model
 from qlora_kit.bench.memory_track import LiveTensorBytes
 from qlora_kit.model.load import load_quantized_model
 from qlora_kit.model.lora import add_lora, enable_gradient_checkpointing
-from qlora_kit.bench.random_init import random_quantized_model
+from qlora_kit.bench.random_model import random_quantized_model
 from qlora_kit.train.loss import batch_loss_sum, set_loss_chunk_size
 from qlora_kit.train.optim import build_optimizer
 from tiny_models import save_tiny_model, tiny_config
@@ -91,7 +91,7 @@ def saved_by_one_block(tmp_path, architecture, dtype, dropout, mask, attn="sdpa"
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         decoder.layers[0](hidden, attention_mask=padding, position_embeddings=rotary, position_ids=positions)
     shape = shape_from_model(meta_model(model.config), model.config)
-    settings = RunSettings(micro_batch_size=batch, max_seq_length=seq, lora_r=8, lora_dropout=dropout,
+    settings = PlanSettings(micro_batch_size=batch, max_seq_length=seq, lora_r=8, lora_dropout=dropout,
                            compute_dtype=str(dtype).removeprefix("torch."), padded_batches=mask, attn_implementation=attn)
     return sum(saved.values()), act.layer_saved_bytes(shape, settings), shape, settings
 
@@ -132,7 +132,7 @@ def test_training_step_peak_matches_the_planner(tmp_path):
                 batch_loss_sum(model, batch).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            settings = RunSettings(micro_batch_size=2, max_seq_length=128, lora_r=16, lora_dropout=0.0,
+            settings = PlanSettings(micro_batch_size=2, max_seq_length=128, lora_r=16, lora_dropout=0.0,
                                    optim="adamw_8bit", compute_dtype="float32", lora_dtype="float32",
                                    loss_chunk_size=chunk, offload_activations=False, trained_fraction=trained)
             _, planned = predicted(shape, settings, CPU)

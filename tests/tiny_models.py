@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from qlora_kit.bench.random_model import random_model, save_random_model
+
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 128, 2, 4, 2, 512
 
 # Architecture -> (config class, config overrides)
@@ -79,16 +81,12 @@ def tiny_chat_tokenizer():
 
 
 def tiny_model(architecture: str = "llama", seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(architecture, **overrides))
-    return model.eval()
+    return random_model(tiny_config(architecture, **overrides), seed)
 
 
 def save_tiny_model(folder: Path, architecture: str = "llama", dtype=torch.bfloat16, seed: int = 0, **overrides) -> Path:
     """Write a tiny random model as an HF folder (safetensors) and return the folder."""
-    model = tiny_model(architecture, seed, **overrides).to(dtype)
-    model.save_pretrained(folder)
-    return folder
+    return save_random_model(folder, tiny_config(architecture, **overrides), dtype, seed)
 
 
 # Broken model folders: each writes one into `folder` and returns what the one-line error must say.
@@ -114,7 +112,7 @@ def truncated_weights(folder: Path) -> str:
 
 
 def missing_shard(folder: Path) -> str:
-    tiny_model().to(torch.bfloat16).save_pretrained(folder, max_shard_size="100KB")
+    save_random_model(folder, tiny_config(), max_shard_size="100KB")
     shards = sorted(folder.glob("model-*.safetensors"))
     shards[-1].unlink()
     return f"lacks {shards[-1].name}, named by model.safetensors.index.json (1 of {len(shards)} weight files missing)"

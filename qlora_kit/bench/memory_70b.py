@@ -35,6 +35,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from qlora_kit.bench.random_model import random_tensor  # noqa: E402
 from qlora_kit.config import LoraArguments, ModelArguments, TrainArguments  # noqa: E402
 from qlora_kit.memory.reorder import LayerMajorStep  # noqa: E402
 from qlora_kit.memory.stream import LayerStreamer  # noqa: E402
@@ -204,11 +205,11 @@ def memory_plan(args, cap_bytes: int):
     """The memory planner's plan for the full 70B run under the cap: it picks the resident layers."""
     import psutil
 
-    from qlora_kit.memory.budget import RunSettings
+    from qlora_kit.memory.budget import PlanSettings
     from qlora_kit.memory.plan import plan_memory
     from qlora_kit.memory.shapes import model_shape
 
-    settings = RunSettings(micro_batch_size=1, max_seq_length=args.seq, lora_r=args.lora_r, lora_dropout=0.0,
+    settings = PlanSettings(micro_batch_size=1, max_seq_length=args.seq, lora_r=args.lora_r, lora_dropout=0.0,
                            optim="paged_adamw_8bit", offload_activations=False,
                            layer_major_micro_batches=args.grad_accum)
     return plan_memory(model_shape("llama-3.1-70b"), settings, cap_bytes, psutil.virtual_memory().total)
@@ -239,8 +240,7 @@ def build_model(shape: dict, device: torch.device, dtype: torch.dtype, streamed:
         module = model.get_submodule(name.rpartition(".")[0])
         if isinstance(module, bnb.nn.Linear4bit):
             shape_ = (module.out_features, module.in_features)
-        value = torch.ones(shape_, dtype=dtype, device=device) if is_norm else \
-            torch.empty(shape_, dtype=dtype, device=device).normal_(0, 0.02)
+        value = random_tensor(shape_, dtype, device, 0.02, ones=is_norm)
         placer.put(name, value)
         del value
     if current in planned:

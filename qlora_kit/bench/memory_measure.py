@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from qlora_kit.config import LoraArguments, TrainArguments
-from qlora_kit.memory.budget import RunSettings
+from qlora_kit.memory.budget import PlanSettings
 from qlora_kit.memory.offload import enable_activation_offload
 from qlora_kit.memory.plan import GiB, plan_memory
 from qlora_kit.memory.shapes import ModelShape, load_model_config, meta_model, shape_from_model
 from qlora_kit.model.lora import add_lora, enable_gradient_checkpointing
-from qlora_kit.bench.random_init import random_quantized_model
+from qlora_kit.bench.random_model import random_quantized_model
 from qlora_kit.train.loss import batch_loss_sum, set_loss_chunk_size
 from qlora_kit.train.optim import build_optimizer
 
@@ -65,7 +65,7 @@ class Measurement:
         return self.predicted_allocated_bytes / self.measured_allocated_bytes - 1
 
 
-def predicted(shape: ModelShape, settings: RunSettings, device: torch.device) -> tuple[int, int]:
+def predicted(shape: ModelShape, settings: PlanSettings, device: torch.device) -> tuple[int, int]:
     """The planner's reserved and allocated bytes (allocated: without the allocator slack, and on
     CPU without cuBLAS workspaces)."""
     plan = plan_memory(shape, settings, gpu_bytes=1 << 50, host_bytes=1 << 50)
@@ -96,7 +96,7 @@ class _Peaks:
         return None, self.tracker.peak
 
 
-def measure_configuration(model: nn.Module, settings: RunSettings, vocab_size: int, device: torch.device,
+def measure_configuration(model: nn.Module, settings: PlanSettings, vocab_size: int, device: torch.device,
                           peaks: _Peaks, steps: int) -> tuple[Optional[int], int, float]:
     """Run `steps` training steps with a fresh optimizer; return peak reserved, allocated, s/step."""
     offloader = enable_activation_offload(model, device) if settings.offload_activations else None
@@ -137,7 +137,7 @@ def measure_model(name: str, seq_lengths: list[int], batch_size: int, device: to
     for seq in seq_lengths:
         for chunk in (0, None):
             for offload in (False, True):
-                settings = RunSettings(micro_batch_size=batch_size, max_seq_length=seq, lora_r=16, lora_dropout=0.05,
+                settings = PlanSettings(micro_batch_size=batch_size, max_seq_length=seq, lora_r=16, lora_dropout=0.05,
                                        optim="paged_adamw_8bit", compute_dtype=dtype_name, lora_dtype=dtype_name,
                                        attn_implementation=attn, offload_activations=offload, loss_chunk_size=chunk)
                 plan = plan_memory(shape, settings, 1 << 50, 1 << 50)

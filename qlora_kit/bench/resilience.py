@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import platform
-import random
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -33,8 +32,9 @@ from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import set_seed
 
+from qlora_kit.bench.random_model import save_random_model
+from qlora_kit.bench.synthetic_data import synthetic_dataset
 from qlora_kit.config import LoraArguments, ModelArguments, TrainArguments
-from qlora_kit.data.tokenize import IGNORE_INDEX
 from qlora_kit.model.load import choose_compute_dtype, load_quantized_model
 from qlora_kit.model.lora import add_lora, choose_lora_dtype, enable_gradient_checkpointing
 from qlora_kit.train.metrics import MetricsLog
@@ -53,22 +53,8 @@ PAD_ID = 0
 
 def write_random_llama(folder: Path, size: str = "tiny", seed: int = 0) -> Path:
     """A random-weight Llama of the named size, saved in bf16 as an HF folder."""
-    torch.manual_seed(seed)
     config = transformers.LlamaConfig(max_position_embeddings=512, pad_token_id=PAD_ID, **SIZES[size])
-    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    return folder
-
-
-def synthetic_dataset(examples: int, max_length: int, vocab_size: int, seed: int = 0) -> Dataset:
-    """Random token sequences of varied length; the first third of each is a prompt (labels -100)."""
-    generator = random.Random(seed)
-    rows = []
-    for _ in range(examples):
-        length = generator.randint(max_length // 2, max_length)
-        ids = [generator.randrange(1, vocab_size) for _ in range(length)]
-        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (length // 3) + ids[length // 3:]})
-    return Dataset.from_list(rows)
+    return save_random_model(folder, config, torch.bfloat16, seed)
 
 
 def train_once(model_dir: Path, dataset: Dataset, args: TrainArguments, lora: LoraArguments, device: torch.device,

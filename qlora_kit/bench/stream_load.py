@@ -5,18 +5,19 @@ The logic of tools/measure_stream_load.py, its command line:
     python tools/measure_stream_load.py                # ~1.1B parameters (TinyLlama's shape)
     python tools/measure_stream_load.py --layers 4 --vocab 8192   # the size the tests use
 
-Writes the random model layer by layer into safetensors shards (never whole in memory), loads it
-with `qlora_kit.model.stream_load.load_streaming` in a fresh subprocess, and reports as JSON the
-subprocess's peak resident set (VmHWM, reset just before loading) over its resident set before
-loading, next to the bytes of the placed model and the measured working set of one tensor (the
-peak of reading, casting and quantizing the largest tensors alone, in the same process). The
-model folder is deleted afterwards.
+Writes the random model (qlora_kit.bench.random_model) into safetensors shards of a few decoder
+layers each (never whole in memory), loads it with `qlora_kit.model.stream_load.load_streaming` in
+a fresh subprocess, and reports as JSON the subprocess's peak resident set (VmHWM, reset just
+before loading) over its resident set before loading, next to the bytes of the placed model and
+the measured working set of one tensor (the peak of reading, casting and quantizing the largest
+tensors alone, in the same process). The model folder is deleted afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -26,35 +27,18 @@ from pathlib import Path
 
 
 def write_random_model(folder: Path, args: argparse.Namespace) -> dict:
-    """A random bf16 Llama in shards of `shard_layers` decoder layers, written one shard at a time."""
+    """A random bf16 Llama in shards of `shard_layers` decoder layers, written a row chunk at a time."""
     import torch
-    from accelerate import init_empty_weights
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
+
+    from qlora_kit.bench import random_model
 
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                          num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
                          max_position_embeddings=2048, tie_word_embeddings=False)
-    config.save_pretrained(folder)
-    with init_empty_weights():
-        shapes = [(n, p.shape) for n, p in AutoModelForCausalLM.from_config(config).named_parameters()]
-    groups: dict[str, list] = {}
-    for name, shape in shapes:
-        layer = name.split("layers.")[1].split(".")[0] if ".layers." in name else None
-        key = f"layers-{int(layer) // args.shard_layers:03d}" if layer is not None else "rest"
-        groups.setdefault(key, []).append((name, shape))
-    weight_map, total, largest = {}, 0, 0
-    generator = torch.Generator().manual_seed(0)
-    for key, members in groups.items():
-        tensors = {name: (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16) for name, shape in members}
-        save_file(tensors, str(folder / f"{key}.safetensors"), metadata={"format": "pt"})
-        for name, tensor in tensors.items():
-            weight_map[name] = f"{key}.safetensors"
-            total += tensor.numel()
-            largest = max(largest, tensor.numel())
-        del tensors
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return {"parameters": total, "checkpoint_bytes": 2 * total, "largest_tensor_elements": largest}
+    random_model.write_random_model(folder, config, torch.bfloat16, layers_per_shard=args.shard_layers)
+    sizes = [math.prod(spec.shape) for spec in random_model.state_specs(config, torch.bfloat16)]
+    return {"parameters": sum(sizes), "checkpoint_bytes": 2 * sum(sizes), "largest_tensor_elements": max(sizes)}
 
 
 def _status(field: str) -> int:

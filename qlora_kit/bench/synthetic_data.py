@@ -1,7 +1,10 @@
-"""Synthetic multi-turn conversations, seeded, for tests and the tokenization benchmark.
+"""Synthetic data, seeded, for tests and benchmarks: multi-turn conversations, and tokenized examples.
 
-The words are drawn from a fixed list with a Zipf-like skew, so the text tokenizes like prose
-(common short words, some longer ones) rather than like random characters.
+The conversations' words are drawn from a fixed list with a Zipf-like skew, so the text tokenizes
+like prose (common short words, some longer ones) rather than like random characters.
+
+Tokenized examples (`random_token_examples`) are random ids whose first part is a prompt (labels
+-100): `synthetic_examples` makes the speed benchmark's, `synthetic_dataset` the resilience checks'.
 """
 
 from __future__ import annotations
@@ -9,6 +12,12 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from qlora_kit.data.tokenize import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 WORDS = (
     "the of and to a in is it you that he was for on are with as I his they be at one have this from or had by "
@@ -63,3 +72,29 @@ def write_jsonl(conversations: list[list[dict[str, str]]], path: Path) -> Path:
         for messages in conversations:
             handle.write(json.dumps({"messages": messages}) + "\n")
     return path
+
+
+def random_token_examples(count: int, vocab_size: int, lengths: tuple[int, int], first_id: int, seed: int = 0,
+                          prompt_share: Optional[tuple[float, float]] = None) -> list[dict[str, list[int]]]:
+    """Examples of random ids in [first_id, vocab_size), of lengths in `lengths` (both included), whose
+    first part is a prompt (labels -100): a share drawn from `prompt_share`, or a third when it is None."""
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(count):
+        length = rng.randint(*lengths)
+        prompt = int(length * rng.uniform(*prompt_share)) if prompt_share else length // 3
+        ids = [rng.randrange(first_id, vocab_size) for _ in range(length)]
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return examples
+
+
+def synthetic_examples(vocab_size: int, seq_len: int, count: int, seed: int) -> list[dict[str, list[int]]]:
+    """Chat-like examples: random tokens, lengths in [seq_len/8, seq_len], the first 30-60% a prompt."""
+    return random_token_examples(count, vocab_size, (max(8, seq_len // 8), seq_len), 3, seed, prompt_share=(0.3, 0.6))
+
+
+def synthetic_dataset(examples: int, max_length: int, vocab_size: int, seed: int = 0) -> Dataset:
+    """Random token sequences of varied length; the first third of each is a prompt (labels -100)."""
+    from datasets import Dataset
+
+    return Dataset.from_list(random_token_examples(examples, vocab_size, (max_length // 2, max_length), 1, seed))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -35,8 +34,9 @@ from typing import Any, Optional
 
 import torch
 
-from qlora_kit.data.tokenize import IGNORE_INDEX
 from qlora_kit.bench.memory_track import peak_rss_bytes
+from qlora_kit.bench.synthetic_data import synthetic_examples
+from qlora_kit.data.tokenize import IGNORE_INDEX
 
 # Dense bf16 tensor-core peaks (FLOP/s) for the MFU figure, by device-name fragment.
 BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12, "A6000": 155e12}
@@ -55,18 +55,6 @@ class BenchSettings:
     seed: int = 0
 
 
-def synthetic_examples(vocab_size: int, seq_len: int, count: int, seed: int) -> list[dict[str, list[int]]]:
-    """Chat-like examples: random tokens, lengths in [seq_len/8, seq_len], the first 30-60% a prompt."""
-    rng = random.Random(seed)
-    examples = []
-    for _ in range(count):
-        length = rng.randint(max(8, seq_len // 8), seq_len)
-        prompt = int(length * rng.uniform(0.3, 0.6))
-        ids = [rng.randrange(3, vocab_size) for _ in range(length)]
-        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
-    return examples
-
-
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -83,7 +71,7 @@ def load_base(model: str, compute_dtype: torch.dtype, device: torch.device):
 
     from qlora_kit.config import ModelArguments
     from qlora_kit.model.load import load_quantized_model
-    from qlora_kit.bench.random_init import random_quantized_model
+    from qlora_kit.bench.random_model import random_quantized_model
 
     path = Path(model)
     if path.is_file() and path.suffix == ".json":

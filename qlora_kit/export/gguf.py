@@ -32,7 +32,7 @@ from qlora_kit.errors import UserError
 from qlora_kit.export.folder import check_free_space, staged_output
 from qlora_kit.export.gguf_vocab import add_tokenizer
 from qlora_kit.export.merge import Merger, MergeOptions, MergeResult, TensorJob, TensorSource, plan_merge
-from qlora_kit.export.settings import RunSettings
+from qlora_kit.export.settings import TrainingSetup
 from qlora_kit.export.shards import fsync_files
 from qlora_kit.log import logger, notice_once
 
@@ -195,7 +195,7 @@ def write_gguf(path: Path, writer: gguf.GGUFWriter, tensors: list[GgufTensor], m
     writer.close()
 
 
-def export_gguf(options: MergeOptions, gguf_type: GgufType, settings: Optional[RunSettings] = None) -> MergeResult:
+def export_gguf(options: MergeOptions, gguf_type: GgufType, settings: Optional[TrainingSetup] = None) -> MergeResult:
     """Merge the adapter into its base and write `options.output_dir`/model-TYPE.gguf (and an Ollama Modelfile).
 
     Every check a user's input can fail runs before the first byte is written, and nothing named

@@ -29,7 +29,7 @@ from qlora_kit.export.adapter import LoraAdapter, LoraUpdate
 from qlora_kit.export.folder import check_free_space, check_output_folder, staged_output
 from qlora_kit.export.layout import BaseLayout, BaseTensor, describe_base
 from qlora_kit.export.nf4 import nf4_round_trip
-from qlora_kit.export.settings import RunSettings, run_settings
+from qlora_kit.export.settings import TrainingSetup, training_setup
 from qlora_kit.export.shards import ShardWriter, StoredTensor, TensorSpec, fsync_files, plan_shards, write_index
 from qlora_kit.log import logger, notice_once
 
@@ -158,7 +158,7 @@ def row_ranges(shape: tuple[int, ...], chunk_bytes: int = CHUNK_BYTES) -> Iterat
 class Merger:
     """Makes each output tensor from its job, in row chunks, on `device`."""
 
-    def __init__(self, source: TensorSource, adapter: LoraAdapter, settings: RunSettings, options: MergeOptions,
+    def __init__(self, source: TensorSource, adapter: LoraAdapter, settings: TrainingSetup, options: MergeOptions,
                  device: torch.device):
         self.source, self.adapter, self.settings, self.options, self.device = source, adapter, settings, options, device
 
@@ -252,9 +252,9 @@ def copy_side_files(adapter_dir: Path, base_dir: Path, target: Path) -> None:
         notice_once(f"neither {adapter_dir} nor {base_dir} holds a tokenizer: the merged folder has none")
 
 
-def settings_for(options: MergeOptions, verify: bool) -> RunSettings:
+def settings_for(options: MergeOptions, verify: bool) -> TrainingSetup:
     """The run's settings for this export; the NF4 settings are required when the merge or --verify uses them."""
-    return run_settings(options.adapter_dir, options.base_model, options.compute_dtype, options.double_quant,
+    return training_setup(options.adapter_dir, options.base_model, options.compute_dtype, options.double_quant,
                         options.allow_other_base, quantization_needed=verify or options.merge_base == "nf4")
 
 
@@ -263,14 +263,14 @@ class MergePlan:
     """What every export resolves before writing: the adapter, the run's settings, the device, the base, the jobs."""
 
     adapter: LoraAdapter
-    settings: RunSettings
+    settings: TrainingSetup
     device: torch.device
     base: BaseLayout
     jobs: list[TensorJob]
     untie: bool
 
 
-def plan_merge(options: MergeOptions, settings: Optional[RunSettings] = None) -> MergePlan:
+def plan_merge(options: MergeOptions, settings: Optional[TrainingSetup] = None) -> MergePlan:
     """Resolve and check everything a merge needs, and say the merge's choices; nothing is written."""
     adapter = LoraAdapter(options.adapter_dir)
     settings = settings or settings_for(options, verify=False)
@@ -283,7 +283,7 @@ def plan_merge(options: MergeOptions, settings: Optional[RunSettings] = None) ->
     return MergePlan(adapter, settings, device, base, jobs, untie)
 
 
-def export_merged(options: MergeOptions, settings: Optional[RunSettings] = None) -> MergeResult:
+def export_merged(options: MergeOptions, settings: Optional[TrainingSetup] = None) -> MergeResult:
     """Merge the adapter in `options.adapter_dir` into its base and write `options.output_dir`.
 
     Every check a user's input can fail (folders, names, shapes, disk space) runs before the first
@@ -333,7 +333,7 @@ def _write_shard(path: Path, jobs: list[TensorJob], merger: Merger) -> None:
                 writer.write(chunk)
 
 
-def _say_choices(options: MergeOptions, settings: RunSettings, device: torch.device) -> None:
+def _say_choices(options: MergeOptions, settings: TrainingSetup, device: torch.device) -> None:
     compute = str(settings.compute_dtype).removeprefix("torch.")
     if options.merge_base == "nf4" and settings.unchecked:
         notice_once(f"merge base nf4: the projections are quantized and dequantized in {compute}; not checked: "

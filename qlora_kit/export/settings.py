@@ -8,7 +8,7 @@ or --verify rebuilds the adapter model: a guess would make the merge differ from
 
 The base folder is checked against the fingerprint the run recorded (qlora_kit.fingerprint): a base
 with other weights is refused unless --allow_other_base is given. What could not be checked (no
-record, or an old config-only record) is said once and listed in `RunSettings.unchecked`, and the
+record, or an old config-only record) is said once and listed in `TrainingSetup.unchecked`, and the
 merge then makes no claim that it computes what the adapter model computed.
 """
 
@@ -27,14 +27,13 @@ from qlora_kit.export.adapter import ADAPTER_CONFIG
 from qlora_kit.fingerprint import compare, model_fingerprint
 from qlora_kit.log import notice_once
 from qlora_kit.model.load import DTYPES
+from qlora_kit.paths import RUN_MARKER
 from qlora_kit.sources import resolve_model
-
-RUN_MARKER = "run_config.yaml"  # as qlora_kit.output names it (not imported: it would import peft for nothing)
 
 
 @dataclass
-class RunSettings:
-    """The base model folder and the quantization training used."""
+class TrainingSetup:
+    """What the run trained with: the base model folder and the quantization training used."""
 
     base_dir: Path
     compute_dtype: torch.dtype
@@ -56,9 +55,9 @@ def _read_run_config(adapter_dir: Path) -> dict[str, Any]:
     return values if isinstance(values, dict) else {}
 
 
-def run_settings(adapter_dir: Path, base_model: Optional[str] = None, compute_dtype: Optional[str] = None,
-                 double_quant: Optional[bool] = None, allow_other_base: bool = False,
-                 quantization_needed: bool = True) -> RunSettings:
+def training_setup(adapter_dir: Path, base_model: Optional[str] = None, compute_dtype: Optional[str] = None,
+                   double_quant: Optional[bool] = None, allow_other_base: bool = False,
+                   quantization_needed: bool = True) -> TrainingSetup:
     """Resolve the base folder and quantization; explicit arguments win over the run's record.
 
     Args:
@@ -93,7 +92,7 @@ def run_settings(adapter_dir: Path, base_model: Optional[str] = None, compute_dt
     if quantization.get("quant_type", "nf4") != "nf4":
         raise UserError(f"{adapter_dir} was trained on a {quantization['quant_type']} base; export re-creates nf4 only")
     base_dir = resolve_model(str(base))
-    return RunSettings(
+    return TrainingSetup(
         base_dir=base_dir,
         compute_dtype=DTYPES[dtype_name],
         double_quant=True if double_quant is None else double_quant,

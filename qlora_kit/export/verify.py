@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM
 
 from qlora_kit.config import ModelArguments
 from qlora_kit.errors import CheckFailed, UserError
-from qlora_kit.export.settings import RunSettings
+from qlora_kit.export.settings import TrainingSetup
 from qlora_kit.log import logger
 from qlora_kit.model.load import load_quantized_model
 from qlora_kit.model.tokenizer import load_tokenizer
@@ -135,7 +135,7 @@ def _free(*models) -> None:
         torch.cuda.empty_cache()
 
 
-def verify_merge(adapter_dir: Path, merged_dir: Path, settings: RunSettings, merge_base: str, dtype: torch.dtype,
+def verify_merge(adapter_dir: Path, merged_dir: Path, settings: TrainingSetup, merge_base: str, dtype: torch.dtype,
                  device: torch.device) -> dict:
     """Run the comparison, print it, and save it as merged_dir/merge_report.json."""
     if not any(merged_dir.glob("tokenizer*")):

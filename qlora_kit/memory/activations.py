@@ -32,16 +32,16 @@ the trained positions' hidden states it gathers. The planner counts every positi
 
 from __future__ import annotations
 
-from qlora_kit.memory.budget import RunSettings, adapted_linears
+from qlora_kit.memory.budget import PlanSettings, adapted_linears
 from qlora_kit.memory.shapes import ModelShape
 
 
-def checkpoint_bytes(shape: ModelShape, settings: RunSettings) -> int:
+def checkpoint_bytes(shape: ModelShape, settings: PlanSettings) -> int:
     """One checkpointed hidden state: a decoder layer's input, N x H x d."""
     return settings.tokens * shape.hidden_size * settings.compute_bytes
 
 
-def _norm_bytes_per_token(shape: ModelShape, settings: RunSettings) -> int:
+def _norm_bytes_per_token(shape: ModelShape, settings: PlanSettings) -> int:
     total, head_norms = 0, 0
     for index, dim in enumerate(shape.norm_dims):
         if dim == shape.head_dim and dim != shape.hidden_size:
@@ -54,14 +54,14 @@ def _norm_bytes_per_token(shape: ModelShape, settings: RunSettings) -> int:
     return total
 
 
-def attention_kind(shape: ModelShape, settings: RunSettings) -> str:
+def attention_kind(shape: ModelShape, settings: PlanSettings) -> str:
     """The attention a run gets: the asked one, or eager for models without sdpa (Gemma-2)."""
     if settings.attn_implementation == "sdpa" and not shape.supports_sdpa:
         return "eager"
     return settings.attn_implementation
 
 
-def _attention_bytes_per_token(shape: ModelShape, settings: RunSettings) -> int:
+def _attention_bytes_per_token(shape: ModelShape, settings: PlanSettings) -> int:
     d, kind = settings.compute_bytes, attention_kind(shape, settings)
     repeated = (settings.padded_batches and kind == "sdpa") or kind == "eager"
     kv = shape.q_dim if repeated else shape.kv_dim
@@ -95,7 +95,7 @@ def _block_groups(shape: ModelShape) -> list[tuple[list[str], int, bool]]:
     return groups
 
 
-def _projection_inputs_per_token(shape: ModelShape, settings: RunSettings) -> int:
+def _projection_inputs_per_token(shape: ModelShape, settings: PlanSettings) -> int:
     """Projection inputs kept for backward, and LoRA's own activations.
 
     The frozen NF4 matmul keeps nothing of its input; LoRA's A keeps its input (the projection's input,
@@ -116,7 +116,7 @@ def _projection_inputs_per_token(shape: ModelShape, settings: RunSettings) -> in
     return total
 
 
-def layer_saved_bytes(shape: ModelShape, settings: RunSettings) -> int:
+def layer_saved_bytes(shape: ModelShape, settings: PlanSettings) -> int:
     """What autograd keeps of one decoder block's forward, for its backward."""
     mlp = (3 if shape.mlp_gated else 1) * shape.intermediate_size * settings.compute_bytes
     per_token = (_norm_bytes_per_token(shape, settings) + _attention_bytes_per_token(shape, settings) + mlp
@@ -124,27 +124,27 @@ def layer_saved_bytes(shape: ModelShape, settings: RunSettings) -> int:
     return settings.tokens * per_token + attention_bias_bytes(shape, settings)
 
 
-def attention_bias_bytes(shape: ModelShape, settings: RunSettings) -> int:
+def attention_bias_bytes(shape: ModelShape, settings: PlanSettings) -> int:
     """The float mask one sdpa call builds from a padding mask and keeps: B x T x T x d."""
     if not settings.padded_batches or attention_kind(shape, settings) != "sdpa":
         return 0
     return settings.micro_batch_size * settings.max_seq_length ** 2 * settings.compute_bytes
 
 
-def attention_mask_bytes(shape: ModelShape, settings: RunSettings) -> int:
+def attention_mask_bytes(shape: ModelShape, settings: PlanSettings) -> int:
     """The boolean 4-D padding mask the decoder builds once and every layer shares: B x T x T."""
     if not settings.padded_batches or attention_kind(shape, settings) == "flash_attention_2":
         return 0
     return settings.micro_batch_size * settings.max_seq_length ** 2
 
 
-def dequantized_weight_bytes(shape: ModelShape, settings: RunSettings) -> int:
+def dequantized_weight_bytes(shape: ModelShape, settings: PlanSettings) -> int:
     """The largest projection dequantized to the compute dtype, as bitsandbytes does for each matmul."""
     largest = max((linear.numel for linear in shape.quantized), default=0)
     return largest * settings.compute_bytes
 
 
-def layer_backward_bytes(shape: ModelShape, settings: RunSettings) -> int:
+def layer_backward_bytes(shape: ModelShape, settings: PlanSettings) -> int:
     """Gradients alive while one block runs backward, beyond what it saved.
 
     Measured on the CPU with `LiveTensorBytes`: the incoming gradient, then at the MLP either two
@@ -155,12 +155,12 @@ def layer_backward_bytes(shape: ModelShape, settings: RunSettings) -> int:
     return N * shape.hidden_size * d + mlp
 
 
-def final_hidden_bytes(shape: ModelShape, settings: RunSettings) -> int:
+def final_hidden_bytes(shape: ModelShape, settings: PlanSettings) -> int:
     """The final norm's fp32 input copy and its output (the hidden states lm_head reads)."""
     return settings.tokens * shape.hidden_size * (4 + settings.compute_bytes)
 
 
-def loss_bytes(shape: ModelShape, settings: RunSettings, chunk_size: int) -> int:
+def loss_bytes(shape: ModelShape, settings: PlanSettings, chunk_size: int) -> int:
     """Logits and cross-entropy at their peak: every position (chunk_size 0), or one chunk of trained ones."""
     trained = int(settings.tokens * settings.trained_fraction)
     tokens = settings.tokens if chunk_size == 0 else min(chunk_size, trained)

@@ -28,7 +28,7 @@ from torch import nn
 from qlora_kit.config import RunConfig, StreamArguments
 from qlora_kit.errors import UserError
 from qlora_kit.log import logger, notice_once
-from qlora_kit.memory.budget import RunSettings
+from qlora_kit.memory.budget import PlanSettings
 from qlora_kit.memory.offload import ActivationOffloader, enable_activation_offload
 from qlora_kit.memory.plan import MemoryPlan, format_table, gib, parse_memory_size, plan_memory
 from qlora_kit.memory.shapes import load_model_config, meta_model, shape_from_model
@@ -39,9 +39,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def run_settings(config: RunConfig, compute_dtype: str, lora_dtype: str) -> RunSettings:
+def plan_settings(config: RunConfig, compute_dtype: str, lora_dtype: str) -> PlanSettings:
     """The planner's view of a run configuration."""
-    return RunSettings(
+    return PlanSettings(
         micro_batch_size=config.train.per_device_train_batch_size,
         max_seq_length=config.data.max_seq_length,
         lora_r=config.lora.lora_r,
@@ -93,7 +93,7 @@ def plan_for_config(config: RunConfig, compute_dtype: str, lora_dtype: str, gpu:
     """
     model_config = load_model_config(config.model.model_name_or_path, config.model.trust_remote_code)
     shape = shape_from_model(meta_model(model_config, config.model.trust_remote_code), model_config)
-    settings = run_settings(config, compute_dtype, lora_dtype)
+    settings = plan_settings(config, compute_dtype, lora_dtype)
     if free_choices:
         settings = dataclasses.replace(settings, offload_activations=None, loss_chunk_size=None, resident_layers=None)
     return plan_memory(shape, settings, gpu, host, getattr(model_config, "max_position_embeddings", None))

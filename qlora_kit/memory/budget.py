@@ -146,8 +146,10 @@ def paged_state_bytes(numels: list[int], optim: str, param_bytes: int) -> int:
 
 
 @dataclass
-class RunSettings:
-    """The run fields the memory depends on (the recipe's names), with the planner's knobs.
+class PlanSettings:
+    """The settings a memory plan is computed from: the run's memory-relevant fields, and the planner's knobs.
+
+    The fields carry the recipe's names.
 
     `offload_activations`, `loss_chunk_size` and `resident_layers` left as None are the planner's to choose;
     `loss_chunk_size` 0 is the plain loss over full logits.

@@ -47,7 +47,7 @@ from typing import Optional
 from qlora_kit.errors import UserError
 
 from qlora_kit.memory import activations as act
-from qlora_kit.memory.budget import (RunSettings, adapted_linears, lora_tensor_numels, optimizer_state_bytes,
+from qlora_kit.memory.budget import (PlanSettings, adapted_linears, lora_tensor_numels, optimizer_state_bytes,
                                      paged_state_bytes, weight_bytes)
 from qlora_kit.memory.shapes import ModelShape
 from qlora_kit.train.loss import planned_chunk_size
@@ -118,7 +118,7 @@ def gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
-def _static_rows(shape: ModelShape, s: RunSettings, resident: int) -> list[BudgetRow]:
+def _static_rows(shape: ModelShape, s: PlanSettings, resident: int) -> list[BudgetRow]:
     d = s.compute_bytes
     weights = weight_bytes(shape, d, s.double_quant)
     streamed = shape.num_layers - resident
@@ -149,12 +149,12 @@ def _static_rows(shape: ModelShape, s: RunSettings, resident: int) -> list[Budge
     return rows
 
 
-def _layer_major(shape: ModelShape, s: RunSettings, resident: int) -> int:
+def _layer_major(shape: ModelShape, s: PlanSettings, resident: int) -> int:
     """Micro-batches that go through each layer together (memory/reorder.py); 1 in the plain order."""
     return s.layer_major_micro_batches if resident < shape.num_layers else 1
 
 
-def _activation_rows(shape: ModelShape, s: RunSettings, offload: bool, chunk: int, resident: int) -> list[BudgetRow]:
+def _activation_rows(shape: ModelShape, s: PlanSettings, offload: bool, chunk: int, resident: int) -> list[BudgetRow]:
     d, L, N = s.compute_bytes, shape.num_layers, s.tokens
     one = act.checkpoint_bytes(shape, s)
     saved = act.layer_saved_bytes(shape, s)
@@ -192,7 +192,7 @@ def _slack(rows: list[BudgetRow]) -> int:
     return int(ALLOCATOR_SLACK * (dynamic + _phase_peak(rows)))
 
 
-def budget_rows(shape: ModelShape, s: RunSettings, resident: int, offload: bool, chunk: int) -> list[BudgetRow]:
+def budget_rows(shape: ModelShape, s: PlanSettings, resident: int, offload: bool, chunk: int) -> list[BudgetRow]:
     """The full budget table of one candidate plan."""
     rows = _static_rows(shape, s, resident) + _activation_rows(shape, s, offload, chunk, resident)
     rows.append(BudgetRow("allocator slack", _slack(rows), "gpu", f"{ALLOCATOR_SLACK:.0%} of the activations"))
@@ -211,25 +211,25 @@ def host_need(rows: list[BudgetRow]) -> int:
     return sum(r.bytes for r in rows if r.where == "host")
 
 
-def load_peak(shape: ModelShape, s: RunSettings, resident: int) -> int:
+def load_peak(shape: ModelShape, s: PlanSettings, resident: int) -> int:
     """Loading: the resident weights plus the largest tensor materialised unquantized before quantizing."""
     weights = weight_bytes(shape, s.compute_bytes, s.double_quant)
     largest = max([p.numel for p in shape.unquantized] + [q.numel for q in shape.quantized]) * s.compute_bytes
     return sum(weights.per_layer[:resident]) + weights.embeddings + weights.lm_head + weights.other + largest + CUDA_CONTEXT_BYTES
 
 
-def _shortfall(shape: ModelShape, s: RunSettings, resident: int, offload: bool, chunk: int, gpu: int, host: int) -> int:
+def _shortfall(shape: ModelShape, s: PlanSettings, resident: int, offload: bool, chunk: int, gpu: int, host: int) -> int:
     """Bytes missing for a candidate plan (GPU, loading and host together); 0 when it fits."""
     rows = budget_rows(shape, s, resident, offload, chunk)
     gpu_need = max(gpu_peak(rows), load_peak(shape, s, resident))
     return max(0, gpu_need - gpu) + max(0, host_need(rows) - host)
 
 
-def _fits(shape: ModelShape, s: RunSettings, resident: int, offload: bool, chunk: int, gpu: int, host: int) -> bool:
+def _fits(shape: ModelShape, s: PlanSettings, resident: int, offload: bool, chunk: int, gpu: int, host: int) -> bool:
     return _shortfall(shape, s, resident, offload, chunk, gpu, host) == 0
 
 
-def _candidates(shape: ModelShape, s: RunSettings) -> list[tuple[int, bool]]:
+def _candidates(shape: ModelShape, s: PlanSettings) -> list[tuple[int, bool]]:
     """(resident layers, offload) in order of preference: fastest first."""
     L = shape.num_layers
     residents = [min(s.resident_layers, L)] if s.resident_layers is not None else range(L, -1, -1)
@@ -252,7 +252,7 @@ def _largest(fits, low: int, high: int) -> int:
     return low
 
 
-def plan_memory(shape: ModelShape, settings: RunSettings, gpu_bytes: int, host_bytes: int,
+def plan_memory(shape: ModelShape, settings: PlanSettings, gpu_bytes: int, host_bytes: int,
                 max_position: Optional[int] = None) -> MemoryPlan:
     """Choose what stays on the GPU for this run on this card, and say whether it fits."""
     s = settings

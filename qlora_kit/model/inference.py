@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from qlora_kit.config import ModelArguments, StreamArguments
 from qlora_kit.errors import UserError
 from qlora_kit.export.adapter import ADAPTER_CONFIG
-from qlora_kit.export.settings import _read_run_config, run_settings
+from qlora_kit.export.settings import _read_run_config, training_setup
 from qlora_kit.log import logger
 from qlora_kit.model.tokenizer import load_tokenizer
 from qlora_kit.memory.stream import setup_streaming
@@ -74,7 +74,7 @@ def load_run(adapter_dir: Path, base_model: Optional[str], resident_layers: int 
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise UserError(f"--adapter_dir {adapter_dir} holds no adapter ({ADAPTER_CONFIG}); point it at a finished "
                         f"run folder, or pass a merged model with --model_name_or_path")
-    settings = run_settings(adapter_dir, base_model)
+    settings = training_setup(adapter_dir, base_model)
     device = choose_device()
     model_args = ModelArguments(model_name_or_path=str(settings.base_dir), trust_remote_code=settings.trust_remote_code,
                                 bnb_4bit_use_double_quant=settings.double_quant,
