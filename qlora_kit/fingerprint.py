@@ -14,16 +14,18 @@ Two models that differ in any tensor's name, shape or dtype, or in weights anywh
 downloaded again gets the same one (modification times are not part of it).
 
 Runs written before the weights were covered recorded the 16-digit CONFIG alone; `compare` tells
-that case apart so callers can say what could not be checked. Only the standard library is used.
+that case apart so callers can say what could not be checked. Only the standard library and the
+I/O layer's header reader are used.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from pathlib import Path
 from typing import BinaryIO, Literal, Optional
+
+from qlora_kit.io.safetensors import Header, HeaderError, read_header
 
 VERSION = "w1"
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
@@ -31,7 +33,6 @@ FILE_SAMPLES = 16
 SAMPLE_BYTES = 4096
 TENSOR_SAMPLE_BYTES = 256
 HEAD_BYTES = 1 << 16
-MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on its header
 
 Comparison = Literal["same", "config differs", "weights differ", "weights unchecked"]
 
@@ -50,8 +51,9 @@ def weights_fingerprint(model_dir: Path) -> str:
     for file in weight_files(model_dir):
         size = file.stat().st_size
         digest.update(f"\0{file.name}\0{size}\0".encode())
+        header = _safetensors_header(file) if file.suffix == ".safetensors" else None
         with open(file, "rb") as handle:
-            for chunk in _file_samples(handle, size, file.suffix == ".safetensors"):
+            for chunk in _file_samples(handle, size, header):
                 digest.update(chunk)
     return digest.hexdigest()[:32]
 
@@ -87,38 +89,27 @@ def covers_weights(recorded: Optional[str]) -> bool:
     return bool(recorded) and "/" in str(recorded)
 
 
-def _file_samples(handle: BinaryIO, size: int, safetensors: bool):
-    """The byte samples of one file: its header and tensors (safetensors) or its head, then evenly spaced chunks."""
-    header = _safetensors_header(handle, size) if safetensors else None
+def _file_samples(handle: BinaryIO, size: int, header: Optional[Header]):
+    """The byte samples of one file: its header and tensors (readable safetensors) or its head, then evenly
+    spaced chunks."""
     if header is None:
         yield _read_at(handle, 0, HEAD_BYTES)
     else:
-        raw, tensors = header
-        yield raw
-        data_start = 8 + len(raw)
-        for begin, end in tensors:
+        yield header.raw
+        for begin, end in header.spans:
             for offset in (begin, (begin + end) // 2):
-                yield _read_at(handle, data_start + offset, min(TENSOR_SAMPLE_BYTES, end - offset))
+                yield _read_at(handle, header.data_start + offset, min(TENSOR_SAMPLE_BYTES, end - offset))
     for index in range(FILE_SAMPLES):
         yield _read_at(handle, (size - SAMPLE_BYTES) * index // (FILE_SAMPLES - 1) if size > SAMPLE_BYTES else 0,
                        SAMPLE_BYTES)
 
 
-def _safetensors_header(handle: BinaryIO, size: int) -> Optional[tuple[bytes, list[tuple[int, int]]]]:
-    """(the raw JSON header, every tensor's [begin, end) in the data section, by begin), or None if unreadable."""
-    prefix = _read_at(handle, 0, 8)
-    if len(prefix) < 8:
-        return None
-    (length,) = struct.unpack("<Q", prefix)
-    if length > min(MAX_HEADER_BYTES, size - 8):
-        return None
-    raw = _read_at(handle, 8, length)
+def _safetensors_header(file: Path) -> Optional[Header]:
+    """The header of a safetensors file, or None if it is unreadable (the file is then sampled as any other)."""
     try:
-        entries = json.loads(raw)
-        tensors = sorted(tuple(entry["data_offsets"]) for name, entry in entries.items() if name != "__metadata__")
-    except (ValueError, KeyError, TypeError, AttributeError):
+        return read_header(file)
+    except HeaderError:
         return None
-    return raw, [(int(begin), int(end)) for begin, end in tensors]
 
 
 def _read_at(handle: BinaryIO, offset: int, size: int) -> bytes:

@@ -26,6 +26,7 @@ from qlora_kit.config import DataArguments, RunConfig, TrainArguments
 from qlora_kit.data.load import parse_sources
 from qlora_kit.errors import UserError
 from qlora_kit.fingerprint import compare, model_fingerprint
+from qlora_kit.io.atomic import fsync_dir, staged_folder
 from qlora_kit.log import logger, notice_once
 from qlora_kit.paths import RUN_MARKER, check_output_parent, check_writable
 from qlora_kit.train.checkpoint import list_checkpoints, resolve_resume_dir
@@ -246,30 +247,22 @@ def remove_earlier_run(run_dir: Path, keep: Iterable[Path] = ()) -> tuple[list[s
 def finish_run(run_dir: Path, model) -> None:
     """Save the final adapter (PEFT format) and draw loss.png from metrics.jsonl.
 
-    The adapter is written to a hidden folder first and its files renamed into place, so a kill
-    during the save leaves the previous files (or none), never a torn adapter_model.safetensors.
+    The adapter is written to a hidden folder first, synced, and its files renamed into place, so a
+    kill during the save leaves the previous files (or none), never a torn adapter_model.safetensors.
     Weights holding NaN or inf are refused before anything is written.
     """
     checkpoints = list_checkpoints(run_dir)
     refuse_nonfinite_weights(model, "the final adapter was not written", checkpoints[-1] if checkpoints else None)
-    tmp = run_dir / ".tmp-final-adapter"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    # Ctrl-C, SIGTERM or a full disk while saving: the previous files stay, the half-written ones go.
+    with staged_folder(run_dir / ".tmp-final-adapter") as tmp:
         model.save_pretrained(tmp)
-        for file in sorted(tmp.iterdir()):
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-    except BaseException:  # Ctrl-C, SIGTERM, a full disk: the previous files stay, the half-written ones go
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for file in sorted(tmp.iterdir()):
         target = run_dir / file.name
         if file.name == MODEL_CARD and target.exists() and not is_peft_model_card(target):
             notice_once(f"{target} is not peft's model card: it is left as it is, without the card")
             file.unlink()
             continue
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
         os.replace(file, target)
     tmp.rmdir()
+    fsync_dir(run_dir)
     plot_loss(MetricsLog(run_dir / "metrics.jsonl").rows(), run_dir / "loss.png")

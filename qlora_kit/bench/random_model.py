@@ -27,8 +27,9 @@ from qlora_kit.config import DataArguments, LoraArguments, ModelArguments, RunCo
 from qlora_kit.export.adapter import PREFIX
 from qlora_kit.export.layout import meta_model
 from qlora_kit.export.merge import row_ranges
-from qlora_kit.export.shards import ShardWriter, TensorSpec, plan_shards, write_index
 from qlora_kit.fingerprint import model_fingerprint
+from qlora_kit.io.safetensors import TensorSpec
+from qlora_kit.io.shards import ShardWriter, plan_shards, write_index
 from qlora_kit.model.load import DTYPES
 from qlora_kit.model.stream_load import build_empty_model
 from qlora_kit.model.targets import find_projections

@@ -83,7 +83,8 @@ def one_tensor_working_set(folder: Path, dtype) -> int:
     """Peak resident set of reading, casting and (for a projection) quantizing the largest tensors, alone."""
     import bitsandbytes as bnb
 
-    from qlora_kit.model.stream_load import read_checkpoint, release_freed_memory
+    from qlora_kit.io.safetensors import read_checkpoint
+    from qlora_kit.model.stream_load import release_freed_memory
 
     shards = sorted(folder.glob("*.safetensors"))
     sizes = {}

@@ -1,7 +1,7 @@
 """The export's output folder: what it may not replace, room on disk, and writing it atomically.
 
 The model is written into a hidden sibling folder (`.NAME.partial-PID`) and renamed into place only
-when every file is complete and synced, so a crash, Ctrl-C or SIGTERM never leaves a folder named
+when every file is complete and synced (`qlora_kit.io.atomic`), so a crash, Ctrl-C or SIGTERM never leaves a folder named
 NAME holding a half-written model; Ctrl-C and SIGTERM remove the partial folder as they unwind.
 The folder records its owner (`.owner`: pid and process start time, so a reused pid is not taken
 for it); a partial folder whose owner is gone (`kill -9`, a power cut) is removed, and named, by
@@ -21,6 +21,7 @@ import psutil
 
 from qlora_kit import interrupts
 from qlora_kit.errors import UserError
+from qlora_kit.io.atomic import atomic_folder
 from qlora_kit.log import logger
 from qlora_kit.paths import check_output_parent
 
@@ -108,43 +109,14 @@ def remove_stale_partials(parent: Path) -> list[Path]:
     return removed
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename inside `folder` durable. (train.checkpoint has the same helper; importing it would
-    import peft, seconds of start-up the merge has no other use for.)"""
-    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 @contextmanager
 def staged_output(output: Path) -> Iterator[Path]:
     """Yield a hidden sibling folder to write into; on success it replaces `output`, on any failure it goes."""
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(output.parent)
     partial = output.parent / f".{output.name}{PARTIAL}{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    with interrupts.handled():  # SIGTERM unwinds like Ctrl-C, through the clean-up below
-        try:
-            partial.mkdir()
-            _write_owner(partial)
-            yield partial
-            (partial / OWNER_FILE).unlink()
-            _fsync_dir(partial)
-            _replace(partial, output)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-
-
-def _replace(partial: Path, output: Path) -> None:
-    """Rename the finished folder into place; an earlier folder is moved aside first and removed after."""
-    old = None
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        os.replace(output, old)
-    os.replace(partial, output)
-    _fsync_dir(output.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with interrupts.handled():  # SIGTERM unwinds like Ctrl-C, through the clean-up of atomic_folder
+        with atomic_folder(output, partial) as folder:
+            _write_owner(folder)
+            yield folder
+            (folder / OWNER_FILE).unlink()

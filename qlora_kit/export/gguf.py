@@ -33,7 +33,6 @@ from qlora_kit.export.folder import check_free_space, staged_output
 from qlora_kit.export.gguf_vocab import add_tokenizer
 from qlora_kit.export.merge import Merger, MergeOptions, MergeResult, TensorJob, TensorSource, plan_merge
 from qlora_kit.export.settings import TrainingSetup
-from qlora_kit.export.shards import fsync_files
 from qlora_kit.log import logger, notice_once
 
 GgufType = Literal["f16", "bf16", "q8_0"]
@@ -223,7 +222,6 @@ def export_gguf(options: MergeOptions, gguf_type: GgufType, settings: Optional[T
         merger = Merger(TensorSource(), adapter, settings, options, device)
         write_gguf(partial / gguf_file_name(gguf_type), writer, tensors, merger)
         (partial / "Modelfile").write_text(f"FROM ./{gguf_file_name(gguf_type)}\n")  # ollama create NAME -f Modelfile
-        fsync_files(partial)
     seconds = time.perf_counter() - started
     logger.info(f"wrote {options.output_dir / gguf_file_name(gguf_type)}: {len(adapter.lora_modules)} LoRA modules "
                 f"merged, {len(tensors)} tensors, {total / 1e9:.2f} GB, {seconds:.1f} s on {device.type}")

@@ -2,8 +2,8 @@
 
 The tensors, shapes and byte offsets come from the safetensors headers. Which of them training held
 in NF4 comes from transformers itself: the model is built from config.json on the meta device and
-transformers' bitsandbytes quantizer replaces its linear layers as it does when loading (so
-lm_head, embeddings, norms and any module transformers skips stay unquantized, as in training).
+its linear layers are replaced as 4-bit loading replaces them (model/quantized.py: so lm_head,
+embeddings, norms and any module transformers skips stay unquantized, as in training).
 The same skeleton tells GPT-2 style Conv1D weights (stored [in, out]) and tied embeddings apart.
 """
 
@@ -18,7 +18,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from qlora_kit.errors import UserError
-from qlora_kit.export.shards import INDEX_NAME, WEIGHTS_NAME, StoredTensor, read_layout
+from qlora_kit.io.safetensors import INDEX_NAME, WEIGHTS_NAME, StoredTensor, model_key, read_layout, shard_files
+from qlora_kit.model.quantized import replace_quantized_linears
 
 
 @dataclass
@@ -61,41 +62,23 @@ class BaseLayout:
 
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors files of a model folder, in index order."""
-    index = folder / INDEX_NAME
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [folder / name for name in dict.fromkeys(weight_map.values())]
-    if (folder / WEIGHTS_NAME).is_file():
-        return [folder / WEIGHTS_NAME]
+    files = shard_files(folder, WEIGHTS_NAME)
+    if files:
+        return files
     raise UserError(f"base model folder {folder} holds no safetensors weights ({WEIGHTS_NAME} or {INDEX_NAME}); "
                     f"load and save it once with transformers to convert it")
 
 
 def meta_model(folder: Path, compute_dtype: torch.dtype, double_quant: bool, trust_remote_code: bool):
     """The model built on the meta device, its linear layers replaced as 4-bit loading replaces them."""
-    from transformers.quantizers import AutoHfQuantizer
-
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, trust_remote_code=trust_remote_code)
-    quantizer = AutoHfQuantizer.from_config(
-        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-                           bnb_4bit_compute_dtype=compute_dtype),
-        pre_quantized=False,
-    )
-    quantizer.preprocess_model(model, device_map={"": "cpu"})
+    replace_quantized_linears(model, BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    ))
     return model
-
-
-def _model_name(key: str, names: set[str], prefix: str) -> Optional[str]:
-    """The model parameter a checkpoint key loads into: the same name, or with the base prefix added or dropped."""
-    if key in names:
-        return key
-    if prefix and f"{prefix}.{key}" in names:
-        return f"{prefix}.{key}"
-    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in names:
-        return key[len(prefix) + 1:]
-    return None
 
 
 def describe_base(folder: Path, compute_dtype: torch.dtype, double_quant: bool,
@@ -110,7 +93,7 @@ def describe_base(folder: Path, compute_dtype: torch.dtype, double_quant: bool,
     names |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
     layout = BaseLayout(folder, json.loads((folder / "config.json").read_text()), [])
     for tensor in stored:
-        model_name = _model_name(tensor.spec.name, names, model.base_model_prefix)
+        model_name = model_key(tensor.spec.name, names, model.base_model_prefix)
         base = BaseTensor(tensor, model_name)
         if model_name is not None and model_name.endswith(".weight"):
             module = modules.get(model_name.removesuffix(".weight"))

@@ -30,7 +30,8 @@ from qlora_kit.export.folder import check_free_space, check_output_folder, stage
 from qlora_kit.export.layout import BaseLayout, BaseTensor, describe_base
 from qlora_kit.export.nf4 import nf4_round_trip
 from qlora_kit.export.settings import TrainingSetup, training_setup
-from qlora_kit.export.shards import ShardWriter, StoredTensor, TensorSpec, fsync_files, plan_shards, write_index
+from qlora_kit.io.safetensors import StoredTensor, TensorSpec
+from qlora_kit.io.shards import ShardWriter, plan_shards, write_index
 from qlora_kit.log import logger, notice_once
 
 MergeBase = Literal["nf4", "original"]
@@ -313,7 +314,6 @@ def export_merged(options: MergeOptions, settings: Optional[TrainingSetup] = Non
         config = merged_config(base.config, options.dtype, untie)
         (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copy_side_files(options.adapter_dir, settings.base_dir, partial)
-        fsync_files(partial)
     seconds = time.perf_counter() - started
     logger.info(f"merged {len(adapter.lora_modules)} LoRA modules into {options.output_dir} "
                 f"({total / 1e9:.2f} GB, {len(shards)} shard(s), {seconds:.1f} s on {device.type})")

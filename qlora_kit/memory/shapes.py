@@ -3,9 +3,9 @@
 The model is built on PyTorch's meta device by transformers' own modeling code (no memory, no
 weights), so the inventory is exact for any decoder transformers knows: the projections and their
 biases, the norms (two per block for Llama, four for Gemma-2, plus q/k norms for Qwen3), tied or
-separate embeddings. Which Linear modules bitsandbytes quantizes follows transformers' 4-bit
-loading: every `nn.Linear` except the output embeddings (lm_head, or what is tied to the input
-embeddings); everything else stays in the compute dtype.
+separate embeddings. Which Linear modules bitsandbytes quantizes is transformers' 4-bit loading's
+choice (model/quantized.py): every Linear except the output embeddings (lm_head, or what is tied to
+the input embeddings); everything else stays in the compute dtype.
 
 Where the config comes from (`load_model_config`): a shipped shape name (recipes/models/NAME.json),
 a config.json file, a model folder, the built-in demo, or a hub id (only its config.json is fetched).
@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from qlora_kit.errors import UserError
+from qlora_kit.model.quantized import quantized_linears
 from qlora_kit.model.targets import Projections, find_projections
 
 SHIPPED_SHAPES = Path(__file__).resolve().parents[2] / "recipes" / "models"
@@ -146,26 +147,19 @@ def _layer_index(name: str, blocks_path: str) -> Optional[int]:
     return int(name[len(prefix):].split(".")[0])
 
 
-def output_embedding_names(model: nn.Module) -> set[str]:
-    """Modules bitsandbytes leaves unquantized: the output embeddings (and lm_head by name)."""
-    out = model.get_output_embeddings()
-    names = {name for name, module in model.named_modules() if module is out and out is not None}
-    return names | {name for name, _ in model.named_modules() if name.split(".")[-1] == "lm_head"}
-
-
 def shape_from_model(model: nn.Module, config: PretrainedConfig) -> ModelShape:
     """Inventory the frozen base of a (meta or real, unquantized) model built from `config`."""
     text = _text_config(config)
     projections = find_projections(model)
     if any(word in name for name in projections.mlp for word in ("experts", "moe")):
         raise UserError("the memory planner knows dense decoders only; this model has mixture-of-experts layers")
-    skip = output_embedding_names(model)
     quantized, quantized_params = [], set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name not in skip:
-            layer = _layer_index(name, projections.blocks_path)
-            quantized.append(LinearShape(name, module.in_features, module.out_features, module.bias is not None, layer))
-            quantized_params.add(f"{name}.weight")
+    for name, module in quantized_linears(model):
+        features = (module.weight.shape if type(module) is not nn.Linear  # Conv1D: stored [in, out]
+                    else (module.in_features, module.out_features))
+        layer = _layer_index(name, projections.blocks_path)
+        quantized.append(LinearShape(name, *features, module.bias is not None, layer))
+        quantized_params.add(f"{name}.weight")
     unquantized = [ParamShape(name, p.numel(), _layer_index(name, projections.blocks_path))
                    for name, p in model.named_parameters() if name not in quantized_params]
     block = model.get_submodule(projections.blocks_path)[0]

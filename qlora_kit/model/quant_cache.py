@@ -7,14 +7,13 @@ for bitsandbytes checkpoints (`X.weight` packed, plus `X.weight.absmax`, `.quant
 layer and files of at most 1 GiB for the rest, and manifest.json: the source files it was made
 from (name, size, modification time), the quantization settings, and the files it holds. A cache
 whose source or settings differ from this run's is refused. It is written to DIR.partial and
-renamed to DIR when complete, so a run that stops half way leaves no half cache behind.
+renamed to DIR when complete (`qlora_kit.io.atomic`), so a run that stops half way leaves no half
+cache behind.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -25,6 +24,8 @@ from safetensors.torch import save_file
 
 from qlora_kit.config import ModelArguments
 from qlora_kit.errors import UserError
+from qlora_kit.io.atomic import atomic_folder
+from qlora_kit.io.safetensors import read_tensors
 from qlora_kit.model.bnb_cpu import canonical_weight
 
 FORMAT = "qlora_kit-nf4-cache"
@@ -98,10 +99,8 @@ class QuantizedCache:
 
     def load_into(self, placer) -> None:
         """Place every cached tensor through `placer` (a stream_load.TensorPlacer)."""
-        from qlora_kit.model.stream_load import read_safetensors
-
         for file in self.files:
-            tensors = dict(read_safetensors(self.folder / file))  # one layer, or at most 1 GiB
+            tensors = dict(read_tensors(self.folder / file))  # one layer, or at most 1 GiB
             states = {key for key in tensors if key.endswith(tuple("." + s for s in STATE_SUFFIXES))}
             for key in [k for k in tensors if k not in states]:
                 stats = {k[len(key) + 1:]: tensors.pop(k) for k in sorted(states) if k.startswith(key + ".")}
@@ -112,19 +111,14 @@ class QuantizedCache:
 
     @contextmanager
     def writer(self) -> Iterator["CacheWriter"]:
-        """A writer into FOLDER.partial, renamed to FOLDER once everything is written."""
-        partial = self.folder.with_name(self.folder.name + ".partial")
-        if partial.exists():
-            shutil.rmtree(partial)  # left by an earlier run that stopped half way
-        partial.mkdir(parents=True)
-        writer = CacheWriter(partial)
-        yield writer
-        writer.flush()
-        manifest = {**self.expected, "files": writer.files}
-        (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if self.folder.exists():
-            self.folder.rmdir()  # empty (checked by ready()); os.replace needs it gone or empty
-        os.replace(partial, self.folder)
+        """A writer into FOLDER.partial, renamed to FOLDER (empty or absent: checked by ready()) once
+        everything is written."""
+        with atomic_folder(self.folder, self.folder.with_name(self.folder.name + ".partial")) as partial:
+            writer = CacheWriter(partial)
+            yield writer
+            writer.flush()
+            manifest = {**self.expected, "files": writer.files}
+            (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 class CacheWriter:

@@ -4,12 +4,12 @@
 to say "keep these decoder layers, packed in NF4, in pinned host RAM". This loader builds the
 model on the meta device (parameters only: buffers such as the rotary frequencies are real and
 small), swaps its projections for bitsandbytes `Linear4bit` with transformers' own
-`replace_with_bnb_linear` and the same list of modules kept unquantized, then reads the
-checkpoint's safetensors shards one tensor at a time. Each tensor is cast to the compute dtype
-and, for a projection, quantized with the very call transformers' bnb quantizer makes
-(`Params4bit(value, **meta_param.__dict__).to(device)`: NF4, double quantization, on the GPU
-when there is one), so the packed weights, the quantization states and the logits are the same
-as the normal loader's. It is then placed: on the device, or, for the decoder layers that stream
+`replace_with_bnb_linear` and the same list of modules kept unquantized (quantized.py), then reads
+the checkpoint's safetensors shards one tensor at a time (`qlora_kit.io.safetensors.read_tensors`).
+Each tensor is cast to the compute dtype and, for a projection, quantized with the very call
+transformers' bnb quantizer makes (`Params4bit(value, **meta_param.__dict__).to(device)`: NF4,
+double quantization, on the GPU when there is one), so the packed weights, the quantization
+states and the logits are the same as the normal loader's. It is then placed: on the device, or, for the decoder layers that stream
 (`qlora_kit.memory.stream`), in host RAM, where the streamer packs each layer into one pinned
 block (pinning each tensor here would round every one up to a power of two and, with the
 streamer's copy, hold the layers twice). The bf16 model is never materialised: peak host RAM is
@@ -26,36 +26,28 @@ Qwen, Gemma, Phi-3, GPT-2 and the like); ones that transformers renames or fuses
 from __future__ import annotations
 
 import ctypes
-import json
-import os
-import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Optional
 
 import bitsandbytes as bnb
 import torch
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.integrations import replace_with_bnb_linear
-from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
 from qlora_kit.config import ModelArguments, StreamArguments
 from qlora_kit.errors import UserError
+from qlora_kit.io.safetensors import model_key, read_checkpoint, shard_files
 from qlora_kit.log import notice_once
 from qlora_kit.model.bnb_cpu import keep_canonical_layout
-from qlora_kit.model.load import load_quantized_model, quantization_config
 from qlora_kit.model.family import attention_for
+from qlora_kit.model.load import load_quantized_model, quantization_config
+from qlora_kit.model.quantized import replace_quantized_linears
 from qlora_kit.model.targets import find_decoder_blocks
 
 HOST = torch.device("cpu")
-SAFETENSORS_DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 try:
     _LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
     _LIBC.malloc_trim  # noqa: B018 - glibc only
@@ -105,12 +97,7 @@ def build_empty_model(
             config, dtype=compute_dtype, trust_remote_code=args.trust_remote_code,
             attn_implementation=attention_for(config, args.attn_implementation),
         )
-    quantizer = Bnb4BitHfQuantizer(bnb_config)
-    skip = quantizer.get_modules_to_not_convert(
-        model, bnb_config.llm_int8_skip_modules, getattr(model, "_keep_in_fp32_modules", None)
-    )
-    replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=bnb_config)
-    model.hf_quantizer = quantizer
+    model.hf_quantizer = replace_quantized_linears(model, bnb_config)
     model.is_loaded_in_4bit = True
     model.config.quantization_config = bnb_config
     return keep_canonical_layout(model)
@@ -131,8 +118,7 @@ class TensorPlacer:
         self.compute_dtype = compute_dtype
         self.expected = {name for name, _ in model.named_parameters(remove_duplicate=False)}
         self.expected |= {name for name, buffer in model.named_buffers() if buffer.device.type == "meta"}
-        prefix = getattr(model, "base_model_prefix", "") or ""
-        self.prefix = prefix + "." if prefix else ""
+        self.prefix = getattr(model, "base_model_prefix", "") or ""
         self.fp32_modules = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
         self.loaded: set[str] = set()
         self.unexpected: list[str] = []
@@ -140,13 +126,7 @@ class TensorPlacer:
 
     def resolve(self, key: str) -> Optional[str]:
         """The model's name for a checkpoint key (with or without the base model's prefix)."""
-        if key in self.expected:
-            return key
-        if self.prefix and self.prefix + key in self.expected:
-            return self.prefix + key
-        if self.prefix and key.startswith(self.prefix) and key[len(self.prefix):] in self.expected:
-            return key[len(self.prefix):]
-        return None
+        return model_key(key, self.expected, self.prefix)
 
     def put(self, key: str, value: torch.Tensor) -> Optional[str]:
         """Place one checkpoint tensor; return the parameter name it became (None: not the model's)."""
@@ -224,48 +204,10 @@ class TensorPlacer:
 
 def checkpoint_shards(model_dir: Path) -> list[Path]:
     """The safetensors files of a model folder, in the index's order when there is one."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = json.loads(index.read_text())["weight_map"].values()
-        return [model_dir / name for name in dict.fromkeys(names)]
-    files = sorted(model_dir.glob("*.safetensors"))
+    files = shard_files(model_dir)
     if not files:
         raise UserError(f"{model_dir} holds no .safetensors file; the streaming loader reads only safetensors")
     return files
-
-
-def read_checkpoint(shards: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the shards, one at a time (only the one being placed is in memory)."""
-    for shard in shards:
-        yield from read_safetensors(shard)
-
-
-def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of one safetensors file, each read with a plain file read into its own buffer.
-
-    `safetensors.safe_open` memory-maps the file, and every page it reads stays in the process's
-    resident set until the file is closed: the resident set grows by a whole shard (5 GB for a
-    typical 70B shard). Reading each tensor's bytes (the format: an 8-byte header length, a JSON
-    header of dtype, shape and offsets, then the data) keeps only the tensor being placed; the
-    page cache for those bytes is dropped too, so reading 140 GB does not evict everything else.
-    """
-    with open(path, "rb", buffering=0) as file:
-        (header_size,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(header_size))
-        start = 8 + header_size
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise UserError(f"{path.name}: tensor {key} has dtype {info['dtype']}, which the streaming loader does not read")
-            begin, end = info["data_offsets"]
-            buffer = torch.empty(end - begin, dtype=torch.uint8)
-            file.seek(start + begin)
-            if file.readinto(memoryview(buffer.numpy())) != end - begin:
-                raise UserError(f"{path} is truncated (tensor {key}); download it again")
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(file.fileno(), start + begin, end - begin, os.POSIX_FADV_DONTNEED)
-            yield key, buffer.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 def release_freed_memory() -> None:

@@ -6,10 +6,10 @@ counters, the loss-logging window, the non-finite guard), copies of metrics.json
 run_config.yaml, and manifest.json: the size and SHA-256 of every other file. Tensors go to
 safetensors, everything else to JSON: no pickle.
 
-A checkpoint is written into a hidden temporary sibling, fsynced, and renamed into place, so a
-folder named step-N is always complete; a checkpoint is removed by renaming it to a hidden name
-first. A process killed at any moment therefore leaves either the new checkpoint or none, and the
-older ones untouched. Before a checkpoint is used, its manifest is checked.
+A checkpoint is written into a hidden temporary sibling, fsynced, and renamed into place
+(`qlora_kit.io.atomic`), so a folder named step-N is always complete; a checkpoint is removed by
+renaming it to a hidden name first. A process killed at any moment therefore leaves either the new
+checkpoint or none, and the older ones untouched. Before a checkpoint is used, its manifest is checked.
 
 transformers' Trainer checkpoints are not used: they pickle the optimizer and RNG states and
 carry no manifest; accelerate's `save_state` pickles too.
@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from qlora_kit.errors import UserError
+from qlora_kit.io.atomic import TRASH, atomic_folder, remove_folder
 from qlora_kit.log import logger, notice_once
 from qlora_kit.train.state_io import RngState, load_optimizer, load_rng_state, save_optimizer, save_rng_state
 
@@ -172,35 +173,10 @@ def _available(path: Path, run_dir: Path) -> str:
 # ---------------------------------------------------------------- writing
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(folder: Path, step: int) -> None:
-    """manifest.json: bytes and SHA-256 of every file in the folder, written (and fsynced) last."""
-    files = {}
-    for path in sorted(folder.iterdir()):
-        _fsync_file(path)
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+    """manifest.json: bytes and SHA-256 of every file in the folder, written last."""
+    files = {path.name: {"bytes": path.stat().st_size, "sha256": file_digest(path)} for path in sorted(folder.iterdir())}
     (folder / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
-    _fsync_file(folder / MANIFEST)
-    _fsync_dir(folder)
-
-
-def _remove_folder(folder: Path) -> None:
-    """Rename to a hidden name (atomic), then delete: a kill mid-way never leaves a half step-N."""
-    trash = folder.with_name(f".trash-{folder.name}-{time.time_ns()}")
-    os.replace(folder, trash)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def remove_leftovers(run_dir: Path) -> None:
@@ -208,7 +184,7 @@ def remove_leftovers(run_dir: Path) -> None:
     folder = checkpoints_dir(run_dir)
     if folder.is_dir():
         for path in folder.iterdir():
-            if path.name.startswith((".tmp-", ".trash-")):
+            if path.name.startswith((".tmp-", TRASH)):
                 shutil.rmtree(path, ignore_errors=True)
 
 
@@ -236,32 +212,25 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainStat
     folder = checkpoints_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{state.step}"
-    tmp = folder / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
-        model.save_pretrained(tmp)
-        save_optimizer(optimizer, tmp)
-        _block_here_for_tests(state.step, tmp)
-        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-        save_rng_state(tmp, rng_states)
-        (tmp / STATE_FILE).write_text(state.to_json())
-        for name in COPIED_FILES:
-            if (run_dir / name).is_file():
-                shutil.copyfile(run_dir / name, tmp / name)
-        write_manifest(tmp, state.step)
+        with atomic_folder(final, folder / f".tmp-{final.name}") as tmp:
+            model.save_pretrained(tmp)
+            save_optimizer(optimizer, tmp)
+            _block_here_for_tests(state.step, tmp)
+            (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+            save_rng_state(tmp, rng_states)
+            (tmp / STATE_FILE).write_text(state.to_json())
+            for name in COPIED_FILES:
+                if (run_dir / name).is_file():
+                    shutil.copyfile(run_dir / name, tmp / name)
+            write_manifest(tmp, state.step)
     except (OSError, SafetensorError) as error:
-        shutil.rmtree(tmp, ignore_errors=True)
         earlier = [p.name for p in list_checkpoints(run_dir)]
         kept = f"the earlier checkpoint {earlier[-1]} is intact" if earlier else "no earlier checkpoint exists"
         raise UserError(
             f"could not write checkpoint {final}: {error}; training stopped and {kept}. Free disk space "
             f"(or choose another --output_dir), then run again with --resume_from_checkpoint latest"
         ) from None
-    if final.exists():
-        _remove_folder(final)
-    os.replace(tmp, final)
-    _fsync_dir(folder)
     return final
 
 
@@ -277,7 +246,7 @@ def rotate_checkpoints(run_dir: Path, keep_last: int, keep_best: bool) -> list[P
             keep.add(min(scored, key=lambda item: item[0])[1])
     removed = [p for p in found if p not in keep]
     for folder in removed:
-        _remove_folder(folder)
+        remove_folder(folder)
     return removed
 
 

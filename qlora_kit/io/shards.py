@@ -1,12 +1,11 @@
-"""Safetensors shards written tensor by tensor, and the byte layout of existing shards.
+"""Safetensors shards written tensor by tensor, and the index file of a sharded model.
 
 `safetensors.torch.save_file` needs every tensor of a file in memory at once. A merged 70B shard
 of 5 GB would then sit in RAM, so this module writes the format itself: every name, shape and
 dtype of a shard is known before the first byte, so the header (8-byte length + JSON) is written
 first and the tensors are appended one at a time, in header order, without a hole. The split of
 tensors into shards and the index file follow huggingface_hub's `split_state_dict_into_shards_factory`
-and transformers' `model.safetensors.index.json`. Reading goes through safetensors' own `safe_open`;
-only the byte offsets (for copying unchanged tensors without decoding them) are read here.
+and transformers' `model.safetensors.index.json`.
 """
 
 from __future__ import annotations
@@ -14,64 +13,15 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Optional, Union
 
 import torch
 from huggingface_hub import split_state_dict_into_shards_factory
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
+from qlora_kit.io.safetensors import DTYPE_NAMES, INDEX_NAME, TensorSpec
+
 FILENAME_PATTERN = "model{suffix}.safetensors"
-
-# safetensors' dtype names (https://github.com/huggingface/safetensors, format spec).
-DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
-DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A tensor's name, shape and dtype: enough to place it in a shard before it exists."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * self.dtype.itemsize
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """A tensor inside an existing safetensors file: its spec and where its bytes are."""
-
-    spec: TensorSpec
-    file: Path
-    offset: int  # absolute byte offset of the data in the file
-
-
-def read_layout(file: Path) -> list[StoredTensor]:
-    """The tensors of a safetensors file, in the order of their bytes."""
-    with open(file, "rb") as handle:
-        (header_length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_length))
-    header.pop("__metadata__", None)
-    tensors = []
-    for name, entry in header.items():
-        if entry["dtype"] not in DTYPES_BY_NAME:
-            raise ValueError(f"{file}: tensor {name} has dtype {entry['dtype']}, which export does not handle")
-        spec = TensorSpec(name, tuple(entry["shape"]), DTYPES_BY_NAME[entry["dtype"]])
-        tensors.append(StoredTensor(spec, file, 8 + header_length + entry["data_offsets"][0]))
-    return sorted(tensors, key=lambda t: t.offset)
 
 
 def plan_shards(specs: list[TensorSpec], max_shard_size: Union[int, str]) -> dict[str, list[TensorSpec]]:
@@ -100,7 +50,8 @@ class ShardWriter:
 
     Use as a context manager; leaving it without having written every tensor raises, so a file
     that looks complete always is. The file is not fsynced here: the kernel writes it back while
-    the next shard is computed, and the caller syncs every file at the end (`fsync_files`).
+    the next shard is computed, and the folder's atomic writer syncs every file at the end
+    (`qlora_kit.io.atomic`).
     """
 
     def __init__(self, path: Path, specs: Iterable[TensorSpec], metadata: Optional[dict[str, str]] = None):
@@ -170,14 +121,6 @@ class ShardWriter:
                     raise ValueError(f"{self.path.name}: {self.specs[self._next].name} and later tensors were not written")
         finally:
             handle.close()
-
-
-def fsync_files(folder: Path) -> None:
-    """Flush every file of a folder to disk."""
-    for file in sorted(folder.iterdir()):
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
 
 
 def _copy_file_range(source: BinaryIO, target: BinaryIO, offset: int, length: int) -> int:
