@@ -101,7 +101,7 @@ def test_an_interrupted_final_save_leaves_the_previous_adapter_and_no_temporary_
             self.lora_A = torch.nn.Parameter(torch.zeros(2, 2))
 
         def save_pretrained(self, folder):
-            Path(folder).mkdir()
+            Path(folder).mkdir(exist_ok=True)  # as peft does: the folder may exist
             (Path(folder) / "adapter_model.safetensors").write_bytes(b"half")
             raise KeyboardInterrupt
 
