@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -90,17 +91,23 @@ def one_tensor_working_set(folder: Path, dtype) -> int:
     sizes = {}
     for key, tensor in read_checkpoint(shards):
         sizes[key] = tensor.numel()
-    projection = max((k for k in sizes if "_proj." in k), key=sizes.get)
-    other = max((k for k in sizes if "_proj." not in k), key=sizes.get)
+    # Every largest tensor of a distinct name pattern (gate, up and down projections; embeddings and lm_head):
+    # ties of size differ in shape or in what is done to them, and the allocator's history in between.
+    largest = {group: max(n for k, n in sizes.items() if ("_proj." in k) == group) for group in (True, False)}
+    patterns = {}
+    for key, count in sizes.items():
+        if count == largest["_proj." in key]:
+            patterns.setdefault(re.sub(r"\.\d+\.", ".N.", key), key)
+    projections = {key for key in patterns.values() if "_proj." in key}
     worst = 0
-    for wanted in (projection, other):
+    for wanted in patterns.values():
         release_freed_memory()
         before = _status("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")
         for key, tensor in read_checkpoint(shards):
             if key == wanted:
                 value = tensor.to(dtype)
-                if key == projection:
+                if key in projections:
                     value = bnb.nn.Params4bit(value, requires_grad=False, quant_type="nf4", blocksize=64,
                                               compress_statistics=True).to("cpu")
                 del value
