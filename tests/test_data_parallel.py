@@ -2,6 +2,7 @@
 batch twice as large. (`accelerate launch --cpu --num_processes 2` starts a single process: multi-CPU runs
 need `--multi_gpu`, which starts torchrun, or MPI.)"""
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora_kit.config import LoraArguments, TrainArguments, parse
+from qlora_kit.config import LoraArguments, StreamArguments, TrainArguments, parse
+from qlora_kit.errors import UserError
+from qlora_kit.memory.apply import refuse_streaming_across_processes
 from qlora_kit.output import resume_differences
 from qlora_kit.data.batches import process_share
 from qlora_kit.bench.resilience import step_losses, synthetic_dataset, train_once, write_random_llama
@@ -189,3 +192,32 @@ def test_a_process_that_dies_makes_the_other_stop_with_one_line(tmp_path, model_
     assert line in result.stderr.splitlines(), result.stderr[-3000:]
     assert "[rank0]: Traceback" not in result.stderr
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]
+
+
+def test_layer_streaming_with_several_processes_is_refused_before_anything_loads(model_dir):
+    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    with pytest.raises(UserError, match=f"{layers - 1} of {layers} decoder layers would stream .* one process only"):
+        refuse_streaming_across_processes(StreamArguments(resident_layers=1), model_dir, 2)
+    refuse_streaming_across_processes(StreamArguments(resident_layers=1), model_dir, 1)  # one process streams
+    refuse_streaming_across_processes(StreamArguments(resident_layers=layers), model_dir, 2)  # none streams
+    refuse_streaming_across_processes(StreamArguments(), model_dir, 2)  # the plan keeps every layer
+
+
+def test_the_recipe_shares_the_data_between_two_processes(tmp_path, demo_model_dir):
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
+                                                     {"role": "assistant", "content": f"Answer {i}."}]}) + "\n"
+                            for i in range(8)))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qlora_kit.recipes.chat",
+               "--model_name_or_path", str(demo_model_dir), "--dataset_name", str(data), "--output_dir", str(out),
+               "--max_steps", "2", "--eval_fraction", "0", "--per_device_train_batch_size", "2",
+               "--gradient_accumulation_steps", "1", "--logging_steps", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2]  # written once, by one process
+    assert rows[-1]["epoch"] == 1.0  # 8 examples in global batches of 2 x 2: one epoch, each process its half
+    assert "num_processes: 2" in (out / "run_config.yaml").read_text()

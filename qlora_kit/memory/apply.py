@@ -132,6 +132,21 @@ def stream_arguments(stream: StreamArguments, plan: Optional[MemoryPlan]) -> Str
     return dataclasses.replace(stream, resident_layers=plan.resident_layers, layers_in_flight=plan.layers_in_flight)
 
 
+def refuse_streaming_across_processes(stream: StreamArguments, model_dir: Path, num_processes: int,
+                                     trust_remote_code: bool = False) -> None:
+    """Refuse, before anything loads, a run of several processes whose decoder layers would stream: layer
+    streaming runs on one process only (memory/stream.py)."""
+    if num_processes == 1 or stream.resident_layers < 0:
+        return
+    layers = load_model_config(str(model_dir), trust_remote_code).get_text_config().num_hidden_layers
+    if stream.resident_layers >= layers:
+        return
+    raise UserError(f"{layers - stream.resident_layers} of {layers} decoder layers would stream from host RAM "
+                    f"(--resident_layers {stream.resident_layers}, or the memory plan when the model does not fit the "
+                    f"card), and layer streaming runs on one process only: train on one process, or on {num_processes} "
+                    f"GPUs that each hold the whole model")
+
+
 def apply_memory_settings(model: nn.Module, config: RunConfig, plan: Optional[MemoryPlan],
                           device: torch.device) -> Optional[ActivationOffloader]:
     """Set the loss chunk size and activation offload from the plan (or the user's explicit settings)."""

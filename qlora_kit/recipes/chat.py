@@ -59,13 +59,15 @@ def run(config: RunConfig) -> Optional[RunResult]:
         print(preview(tokenizer, train_data, data_report, config.data.preview_data,
                       html_file=config.data.preview_data_file))
         return None
+    import torch
     from accelerate import Accelerator
     from transformers import set_seed
 
     import qlora_kit
     from qlora_kit.config import write_run_config
     from qlora_kit.export.cli import export_run
-    from qlora_kit.memory.apply import apply_memory_settings, plan_for_run, stream_arguments
+    from qlora_kit.memory.apply import (apply_memory_settings, plan_for_run, refuse_streaming_across_processes,
+                                        stream_arguments)
     from qlora_kit.memory.plan import format_table
     from qlora_kit.memory.reorder import layer_major_driver
     from qlora_kit.memory.stream import setup_streaming
@@ -88,7 +90,8 @@ def run(config: RunConfig) -> Optional[RunResult]:
     trackers = make_trackers(check_report_to(config.train.report_to), run_dir,
                              config.train.run_name or run_dir.resolve().name, config.train.project,
                              resume_dir and checkpoint_step(resume_dir))
-    accelerator = Accelerator(log_with=trackers or None)  # an empty list makes accelerate warn of no trackers
+    # cpu=True without CUDA: else accelerate launch's processes each train alone on a CPU-only machine.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None)  # [] warns of no trackers
     model_dir, tokenizer, train_data, eval_data, data_report = load_data(config)
     logger.info(data_report.line())
     samples = sample_replies(config.train, tokenizer, eval_data)  # reads --eval_prompts before the model loads
@@ -103,6 +106,7 @@ def run(config: RunConfig) -> Optional[RunResult]:
     interrupts.stage("loading the model")
     plan = plan_for_run(config, model_dir, accelerator.device, compute_dtype, lora_dtype)  # None: no GPU, or --gpu_memory none
     stream = stream_arguments(config.stream, plan)
+    refuse_streaming_across_processes(stream, model_dir, accelerator.num_processes, config.model.trust_remote_code)
     model = load_model(model_dir, config.model, stream, compute_dtype, accelerator.device)
     streamer = setup_streaming(model, stream.resident_layers, stream.layers_in_flight, accelerator.device)
     if config.train.gradient_checkpointing:
