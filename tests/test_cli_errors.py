@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cli import run_main
-from tiny_models import BROKEN_MODELS
+from tiny_models import BROKEN_MODELS, save_tiny_model
 from qlora_kit.recipes.chat import main
 
 
@@ -144,6 +144,15 @@ def test_a_broken_model_folder_is_one_line_before_anything_loads(run_recipe, tmp
     result = run_recipe("--model_name_or_path", str(model), "--output_dir", str(out), cwd=tmp_path)
     assert_one_line_error(result, expected)
     assert not out.exists() and {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+def test_a_model_folder_without_a_tokenizer_is_one_line_and_writes_nothing(run_recipe, tmp_path):
+    model = save_tiny_model(tmp_path / "model")  # config and weights, no tokenizer files
+    out = tmp_path / "out"
+    result = run_recipe("--model_name_or_path", str(model), "--output_dir", str(out), cwd=tmp_path)
+    assert_one_line_error(result, f"{model} holds no tokenizer files: copy those of its model (tokenizer.json, "
+                                  f"tokenizer_config.json) into it")
+    assert not out.exists()
 
 
 def test_an_output_dir_under_a_file_is_refused_before_the_model_is_looked_at(run_recipe, tmp_path):
