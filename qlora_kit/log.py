@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 
@@ -23,13 +24,17 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """Send qlora_kit's messages to stderr as plain lines; quieten the libraries' chatter."""
+    """Send qlora_kit's messages to stderr as plain lines; quieten the libraries' chatter.
+
+    In a run of several processes (`accelerate launch` sets RANK) the first process speaks for the run;
+    the others say only warnings and errors.
+    """
     if not logger.handlers:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[qlora_kit] %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
-    logger.setLevel(level)
+    logger.setLevel(level if os.environ.get("RANK", "0") == "0" else max(level, logging.WARNING))
     # Deprecation notices that peft and accelerate trigger inside transformers are not the user's to act on.
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:

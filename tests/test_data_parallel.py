@@ -221,3 +221,4 @@ def test_the_recipe_shares_the_data_between_two_processes(tmp_path, demo_model_d
     assert [row["step"] for row in rows if "loss" in row] == [1, 2]  # written once, by one process
     assert rows[-1]["epoch"] == 1.0  # 8 examples in global batches of 2 x 2: one epoch, each process its half
     assert "num_processes: 2" in (out / "run_config.yaml").read_text()
+    assert result.stderr.count("[qlora_kit] done: 2 steps") == 1  # the first process speaks for the run
