@@ -27,7 +27,6 @@ from typing import Any, Optional
 
 import torch
 import transformers
-from accelerate import Accelerator
 from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import set_seed
@@ -60,14 +59,14 @@ def write_random_llama(folder: Path, size: str = "tiny", seed: int = 0) -> Path:
 def train_once(model_dir: Path, dataset: Dataset, args: TrainArguments, lora: LoraArguments, device: torch.device,
                resume_dir: Optional[Path] = None):
     """One training run as the recipe does it (seed, NF4 load, checkpointing, LoRA), without the chat data stage."""
-    from qlora_kit.train.loop import train
+    from qlora_kit.train.loop import make_accelerator, train
 
     set_seed(args.seed)
     compute_dtype = choose_compute_dtype("auto", device)
     model = load_quantized_model(model_dir, ModelArguments(model_name_or_path=str(model_dir)), compute_dtype, device)
     enable_gradient_checkpointing(model)
     model = add_lora(model, lora, choose_lora_dtype("auto", compute_dtype))
-    accelerator = Accelerator(cpu=device.type == "cpu")
+    accelerator = make_accelerator(device)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     return train(model, dataset, None, args, accelerator, Path(args.output_dir), PAD_ID, resume_dir=resume_dir)
 
@@ -216,7 +215,7 @@ def measure_costs(work: Path, model_dir: Path, device: torch.device, steps: int 
     checkpoint are outside it); the fastest of `repeats` runs counts.
     """
     from qlora_kit.train.checkpoint import checkpoint_bytes, validate_checkpoint
-    from qlora_kit.train.loop import train
+    from qlora_kit.train.loop import make_accelerator, train
 
     set_seed(0)
     compute_dtype = choose_compute_dtype("auto", device)
@@ -225,7 +224,7 @@ def measure_costs(work: Path, model_dir: Path, device: torch.device, steps: int 
     model = add_lora(model, LoraArguments(lora_r=16, lora_alpha=32), choose_lora_dtype("auto", compute_dtype))
     vocab = model.get_input_embeddings().num_embeddings
     dataset = synthetic_dataset(steps * batch_size, max_length, vocab)
-    accelerator = Accelerator(cpu=device.type == "cpu")
+    accelerator = make_accelerator(device)
     seconds: dict[str, list[float]] = {"on": [], "off": []}
     for index in range(2 * repeats + 1):  # the first run warms up and is not counted
         guard = "on" if index % 2 else "off"

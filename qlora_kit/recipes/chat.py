@@ -60,7 +60,6 @@ def run(config: RunConfig) -> Optional[RunResult]:
                       html_file=config.data.preview_data_file))
         return None
     import torch
-    from accelerate import Accelerator
     from transformers import set_seed
 
     import qlora_kit
@@ -78,7 +77,7 @@ def run(config: RunConfig) -> Optional[RunResult]:
     from qlora_kit.output import (check_output_dir, check_resume, data_paths, finish_run, prepare_output_dir,
                                   run_identity)
     from qlora_kit.train.checkpoint import check_checkpoint_space, checkpoint_step
-    from qlora_kit.train.loop import total_optimizer_steps, train
+    from qlora_kit.train.loop import make_accelerator, total_optimizer_steps, train
     from qlora_kit.train.samples import sample_replies
     from qlora_kit.train.trackers import check_report_to, finish_trackers, make_trackers, start_trackers
 
@@ -90,8 +89,7 @@ def run(config: RunConfig) -> Optional[RunResult]:
     trackers = make_trackers(check_report_to(config.train.report_to), run_dir,
                              config.train.run_name or run_dir.resolve().name, config.train.project,
                              resume_dir and checkpoint_step(resume_dir))
-    # cpu=True without CUDA: else accelerate launch's processes each train alone on a CPU-only machine.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None)  # [] warns of no trackers
+    accelerator = make_accelerator(torch.device("cuda" if torch.cuda.is_available() else "cpu"), trackers)
     model_dir, tokenizer, train_data, eval_data, data_report = load_data(config)
     logger.info(data_report.line())
     samples = sample_replies(config.train, tokenizer, eval_data)  # reads --eval_prompts before the model loads

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from datasets import Dataset
 from tqdm.auto import tqdm
 
@@ -57,6 +57,15 @@ class StepBatch:
 
     micro_batches: list[dict[str, torch.Tensor]]
     position: DataPosition
+
+
+def make_accelerator(device: torch.device, log_with: Optional[list] = None) -> Accelerator:
+    """The run's Accelerator. On a machine without CUDA it is made for the CPU (under `accelerate launch`
+    the processes then train data parallel over gloo, not each alone). Under DDP each LoRA gradient is a view
+    into DDP's all-reduce bucket (`gradient_as_bucket_view`), so the buckets add no second copy of the
+    gradients to what one GPU holds."""
+    return Accelerator(cpu=device.type == "cpu", log_with=log_with or None,  # [] would warn of no trackers
+                       kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
 
 
 def batches_per_epoch(num_examples: int, args: TrainArguments, num_processes: int = 1) -> int:
