@@ -66,7 +66,7 @@ def train_once(model_dir: Path, dataset: Dataset, args: TrainArguments, lora: Lo
     model = load_quantized_model(model_dir, ModelArguments(model_name_or_path=str(model_dir)), compute_dtype, device)
     enable_gradient_checkpointing(model)
     model = add_lora(model, lora, choose_lora_dtype("auto", compute_dtype))
-    accelerator = make_accelerator(device)
+    accelerator = make_accelerator(cpu=device.type == "cpu")
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     return train(model, dataset, None, args, accelerator, Path(args.output_dir), PAD_ID, resume_dir=resume_dir)
 
@@ -224,7 +224,7 @@ def measure_costs(work: Path, model_dir: Path, device: torch.device, steps: int 
     model = add_lora(model, LoraArguments(lora_r=16, lora_alpha=32), choose_lora_dtype("auto", compute_dtype))
     vocab = model.get_input_embeddings().num_embeddings
     dataset = synthetic_dataset(steps * batch_size, max_length, vocab)
-    accelerator = make_accelerator(device)
+    accelerator = make_accelerator(cpu=device.type == "cpu")
     seconds: dict[str, list[float]] = {"on": [], "off": []}
     for index in range(2 * repeats + 1):  # the first run warms up and is not counted
         guard = "on" if index % 2 else "off"

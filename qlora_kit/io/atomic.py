@@ -43,19 +43,21 @@ def fsync_tree(folder: Path) -> None:
     fsync_dir(folder)
 
 
-def remove_folder(folder: Path) -> None:
-    """Rename a folder to a hidden `.trash-` name (atomic), then delete it: a kill mid-way leaves no half folder."""
+def _set_aside(folder: Path) -> Path:
+    """Rename a folder to a hidden `.trash-` name beside it (atomic) and return that name."""
     trash = folder.with_name(f"{TRASH}{folder.name}-{time.time_ns()}")
     os.replace(folder, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    return trash
+
+
+def remove_folder(folder: Path) -> None:
+    """Rename a folder to a hidden `.trash-` name, then delete it: a kill mid-way leaves no half folder."""
+    shutil.rmtree(_set_aside(folder), ignore_errors=True)
 
 
 def replace_folder(source: Path, target: Path) -> None:
     """Rename a finished folder onto `target` (an existing one is set aside first, deleted after), durably."""
-    aside = None
-    if target.exists():
-        aside = target.with_name(f"{TRASH}{target.name}-{time.time_ns()}")
-        os.replace(target, aside)
+    aside = _set_aside(target) if target.exists() else None
     os.replace(source, target)
     fsync_dir(target.parent)
     if aside is not None:

@@ -59,7 +59,6 @@ def run(config: RunConfig) -> Optional[RunResult]:
         print(preview(tokenizer, train_data, data_report, config.data.preview_data,
                       html_file=config.data.preview_data_file))
         return None
-    import torch
     from transformers import set_seed
 
     import qlora_kit
@@ -89,7 +88,7 @@ def run(config: RunConfig) -> Optional[RunResult]:
     trackers = make_trackers(check_report_to(config.train.report_to), run_dir,
                              config.train.run_name or run_dir.resolve().name, config.train.project,
                              resume_dir and checkpoint_step(resume_dir))
-    accelerator = make_accelerator(torch.device("cuda" if torch.cuda.is_available() else "cpu"), trackers)
+    accelerator = make_accelerator(log_with=trackers)
     model_dir, tokenizer, train_data, eval_data, data_report = load_data(config)
     logger.info(data_report.line())
     samples = sample_replies(config.train, tokenizer, eval_data)  # reads --eval_prompts before the model loads

@@ -59,12 +59,13 @@ class StepBatch:
     position: DataPosition
 
 
-def make_accelerator(device: torch.device, log_with: Optional[list] = None) -> Accelerator:
-    """The run's Accelerator. On a machine without CUDA it is made for the CPU (under `accelerate launch`
-    the processes then train data parallel over gloo, not each alone). Under DDP each LoRA gradient is a view
-    into DDP's all-reduce bucket (`gradient_as_bucket_view`), so the buckets add no second copy of the
-    gradients to what one GPU holds."""
-    return Accelerator(cpu=device.type == "cpu", log_with=log_with or None,  # [] would warn of no trackers
+def make_accelerator(cpu: Optional[bool] = None, log_with: Optional[list] = None) -> Accelerator:
+    """The run's Accelerator; `cpu` defaults to "no CUDA here" (under `accelerate launch` the processes then
+    train data parallel over gloo, not each alone). Under DDP each LoRA gradient is a view into DDP's
+    all-reduce bucket (`gradient_as_bucket_view`), so the buckets add no second copy of the gradients to what
+    one GPU holds."""
+    return Accelerator(cpu=not torch.cuda.is_available() if cpu is None else cpu,
+                       log_with=log_with or None,  # [] would warn of no trackers
                        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
 
 
