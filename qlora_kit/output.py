@@ -244,18 +244,22 @@ def remove_earlier_run(run_dir: Path, keep: Iterable[Path] = ()) -> tuple[list[s
     return removed, kept
 
 
-def finish_run(run_dir: Path, model) -> None:
+def finish_run(run_dir: Path, model, adapter: Optional[dict] = None) -> None:
     """Save the final adapter (PEFT format) and draw loss.png from metrics.jsonl.
+
+    `adapter`: a sharded run's LoRA weights gathered whole (qlora_kit.model.shard.trainable_tensors),
+    written instead of the model's own.
 
     The adapter is written to a hidden folder first, synced, and its files renamed into place, so a
     kill during the save leaves the previous files (or none), never a torn adapter_model.safetensors.
     Weights holding NaN or inf are refused before anything is written.
     """
     checkpoints = list_checkpoints(run_dir)
-    refuse_nonfinite_weights(model, "the final adapter was not written", checkpoints[-1] if checkpoints else None)
+    named = adapter if adapter is not None else {n: p for n, p in model.named_parameters() if p.requires_grad}
+    refuse_nonfinite_weights(named, "the final adapter was not written", checkpoints[-1] if checkpoints else None)
     # Ctrl-C, SIGTERM or a full disk while saving: the previous files stay, the half-written ones go.
     with staged_folder(run_dir / ".tmp-final-adapter") as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if adapter is None else {"state_dict": adapter}))
     for file in sorted(tmp.iterdir()):
         target = run_dir / file.name
         if file.name == MODEL_CARD and target.exists() and not is_peft_model_card(target):

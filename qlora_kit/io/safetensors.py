@@ -14,7 +14,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Collection, Iterable, Iterator, Optional
 
 import torch
 
@@ -126,8 +126,9 @@ def read_layout(file: Path) -> list[StoredTensor]:
     return sorted(tensors, key=lambda t: t.offset)
 
 
-def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of one safetensors file, in header order, each read with a plain file read into its own buffer.
+def read_tensors(path: Path, keys: Optional[Collection[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one safetensors file (only those named in `keys`, when given), in header order, each read
+    with a plain file read into its own buffer.
 
     `safetensors.safe_open` memory-maps the file, and every page it reads stays in the process's
     resident set until the file is closed: the resident set grows by a whole shard (5 GB for a
@@ -140,6 +141,8 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     header = read_header(path)
     with open(path, "rb", buffering=0) as file:
         for key, info in header.entries.items():
+            if keys is not None and key not in keys:
+                continue
             if info["dtype"] not in DTYPES_BY_NAME:
                 raise UserError(f"{path.name}: tensor {key} has dtype {info['dtype']}, which the streaming loader "
                                 f"does not read")

@@ -33,13 +33,19 @@ def choose_compute_dtype(choice: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def quantization_config(args: ModelArguments, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
-    """NF4 with (by default) double quantization, computing in `compute_dtype`."""
+def quantization_config(args: ModelArguments, compute_dtype: torch.dtype,
+                        quant_storage: torch.dtype = torch.uint8) -> BitsAndBytesConfig:
+    """NF4 with (by default) double quantization, computing in `compute_dtype`.
+
+    `quant_storage`: the dtype the packed 4-bit bytes are stored as (their bytes are the same). FSDP
+    needs a floating dtype, the compute dtype, to split and gather them as it does the other weights.
+    """
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=quant_storage,
     )
 
 

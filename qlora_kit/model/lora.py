@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from qlora_kit.config import LoraArguments
 from qlora_kit.log import notice_once
+from qlora_kit.model.bnb_cpu import four_bit_layers
 from qlora_kit.model.load import DTYPES
 from qlora_kit.model.targets import check_named_targets, find_projections
 
@@ -79,8 +80,10 @@ def adapted_module_kinds(model: PeftModel) -> Counter:
 
 
 def trainable_report(model: PeftModel) -> str:
-    """One line: trainable / total parameters (NF4 counted unpacked) and the adapted module kinds."""
-    trainable, total = model.get_nb_trainable_parameters()
+    """One line: trainable / total parameters (NF4 counted unpacked, sharded ones whole) and the adapted module kinds."""
+    unpacked = {id(layer.weight): layer.in_features * layer.out_features for layer in four_bit_layers(model)}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(unpacked.get(id(p), p.numel()) for p in model.parameters())
     kinds = adapted_module_kinds(model)
     listed = ", ".join(f"{name} x{count}" for name, count in kinds.items())
     return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%); LoRA on {listed}"

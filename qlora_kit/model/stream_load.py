@@ -88,10 +88,10 @@ class Placement:
 
 
 def build_empty_model(
-    config: PretrainedConfig, args: ModelArguments, compute_dtype: torch.dtype
+    config: PretrainedConfig, args: ModelArguments, compute_dtype: torch.dtype, quant_storage: torch.dtype = torch.uint8
 ) -> PreTrainedModel:
     """The model on the meta device with its projections already `Linear4bit`, as transformers makes them."""
-    bnb_config = quantization_config(args, compute_dtype)
+    bnb_config = quantization_config(args, compute_dtype, quant_storage)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(
             config, dtype=compute_dtype, trust_remote_code=args.trust_remote_code,
@@ -118,6 +118,7 @@ class TensorPlacer:
         self.compute_dtype = compute_dtype
         self.expected = {name for name, _ in model.named_parameters(remove_duplicate=False)}
         self.expected |= {name for name, buffer in model.named_buffers() if buffer.device.type == "meta"}
+        self.modules = dict(model.named_modules())  # as built: LoRA wrappers added later do not hide the 4-bit layers
         self.prefix = getattr(model, "base_model_prefix", "") or ""
         self.fp32_modules = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
         self.loaded: set[str] = set()
@@ -135,7 +136,7 @@ class TensorPlacer:
             self.unexpected.append(key)
             return None
         module_name, _, attr = name.rpartition(".")
-        module = self.model.get_submodule(module_name)
+        module = self.modules[module_name]
         if isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
             new = self._quantize(module, value)
             if self.placement.host_for(name):
@@ -155,7 +156,7 @@ class TensorPlacer:
     def put_quantized(self, key: str, data: torch.Tensor, stats: dict[str, torch.Tensor]) -> str:
         """Place an already quantized weight (packed data and its serialized quantization state)."""
         name = self.resolve(key)
-        module = self.model.get_submodule(name.rpartition(".")[0]) if name else None
+        module = self.modules[name.rpartition(".")[0]] if name else None
         if not isinstance(module, bnb.nn.Linear4bit):
             raise UserError(f"the quantized cache holds {key}, which is no 4-bit projection of this model; "
                             f"delete the cache or name another folder")

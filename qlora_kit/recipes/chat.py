@@ -64,6 +64,7 @@ def run(config: RunConfig) -> Optional[RunResult]:
     import qlora_kit
     from qlora_kit.config import write_run_config
     from qlora_kit.export.cli import export_run
+    from qlora_kit.launch import launch_settings
     from qlora_kit.memory.apply import (apply_memory_settings, plan_for_run, refuse_streaming_across_processes,
                                         stream_arguments)
     from qlora_kit.memory.plan import format_table
@@ -72,6 +73,7 @@ def run(config: RunConfig) -> Optional[RunResult]:
     from qlora_kit.model.load import choose_compute_dtype
     from qlora_kit.model.lora import (add_lora, choose_lora_dtype, enable_gradient_checkpointing, log_dtype_choice,
                                       trainable_report)
+    from qlora_kit.model.shard import load_sharded, refuse_unshardable, trainable_tensors
     from qlora_kit.model.stream_load import load_model
     from qlora_kit.output import (check_output_dir, check_resume, data_paths, finish_run, prepare_output_dir,
                                   run_identity)
@@ -83,6 +85,9 @@ def run(config: RunConfig) -> Optional[RunResult]:
     set_seed(config.train.seed)
 
     # Setup: every check a user's input can fail comes before anything is written.
+    launch = launch_settings()
+    if launch.fsdp:
+        refuse_unshardable(config, launch)
     run_dir = Path(config.train.output_dir)
     resume_dir = check_output_dir(run_dir, config.train)
     trackers = make_trackers(check_report_to(config.train.report_to), run_dir,
@@ -103,12 +108,16 @@ def run(config: RunConfig) -> Optional[RunResult]:
     interrupts.stage("loading the model")
     plan = plan_for_run(config, model_dir, accelerator.device, compute_dtype, lora_dtype)  # None: no GPU, or --gpu_memory none
     stream = stream_arguments(config.stream, plan)
-    refuse_streaming_across_processes(stream, model_dir, accelerator.num_processes, config.model.trust_remote_code)
-    model = load_model(model_dir, config.model, stream, compute_dtype, accelerator.device)
-    streamer = setup_streaming(model, stream.resident_layers, stream.layers_in_flight, accelerator.device)
-    if config.train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    model = add_lora(model, config.lora, lora_dtype)
+    if launch.fsdp:  # sharded across the processes as it loads, the adapters added before
+        model = load_sharded(model_dir, config, compute_dtype, lora_dtype, accelerator.device, launch)
+        streamer = None
+    else:
+        refuse_streaming_across_processes(stream, model_dir, accelerator.num_processes, config.model.trust_remote_code)
+        model = load_model(model_dir, config.model, stream, compute_dtype, accelerator.device)
+        streamer = setup_streaming(model, stream.resident_layers, stream.layers_in_flight, accelerator.device)
+        if config.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        model = add_lora(model, config.lora, lora_dtype)
     apply_memory_settings(model, config, plan, accelerator.device)
     step_driver = layer_major_driver(model, streamer, stream.layer_major_accumulation,
                                      config.train.gradient_accumulation_steps, accelerator.num_processes, accelerator.device)
@@ -142,10 +151,11 @@ def run(config: RunConfig) -> Optional[RunResult]:
                       resume_dir=resume_dir, step_driver=step_driver, samples=samples)
     finally:
         finish_trackers(accelerator)
+    adapter = trainable_tensors(model) if launch.fsdp else None  # every process: gathered whole
     if accelerator.is_main_process:
         interrupts.stage("saving the adapter", f"the newest checkpoint in {run_dir / 'checkpoints'} holds the "
                          f"trained adapter: run the same command with --resume_from_checkpoint latest to save it")
-        finish_run(run_dir, accelerator.unwrap_model(model))
+        finish_run(run_dir, accelerator.unwrap_model(model), adapter)
         if config.export.export_merged or config.export.export_gguf:
             interrupts.stage("exporting the merged model", f"the adapter in {run_dir} is complete: export it with "
                              f"python tools/export_merged.py --adapter_dir {run_dir} --output_dir {run_dir / 'merged'}")

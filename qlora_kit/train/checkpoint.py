@@ -200,10 +200,13 @@ def _block_here_for_tests(step: int, tmp: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainState,
-                    rng_states: Optional[list[RngState]] = None) -> Path:
+                    rng_states: Optional[list[RngState]] = None, adapter: Optional[dict[str, torch.Tensor]] = None,
+                    optimizer_state: Optional[dict] = None) -> Path:
     """Write checkpoints/step-N atomically and return its path.
 
     `rng_states`: the generator states of every process of a data-parallel run, by rank (else this one's).
+    `adapter`, `optimizer_state`: a sharded run's LoRA weights and optimizer state, gathered whole
+    (qlora_kit.model.shard), written instead of the model's and the optimizer's own.
 
     Raises:
         UserError: a write failed (disk full, quota, I/O error); the temporary folder is removed and
@@ -214,8 +217,8 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainStat
     final = folder / f"step-{state.step}"
     try:
         with atomic_folder(final, folder / f".tmp-{final.name}") as tmp:
-            model.save_pretrained(tmp)
-            save_optimizer(optimizer, tmp)
+            model.save_pretrained(tmp, **({} if adapter is None else {"state_dict": adapter}))
+            save_optimizer(optimizer, tmp, optimizer_state)
             _block_here_for_tests(state.step, tmp)
             (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
             save_rng_state(tmp, rng_states)
@@ -324,10 +327,17 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, rank: int = 0) ->
 
     Call it last before the first step: the RNG states it restores are the ones the next step must see.
     """
+    from qlora_kit.model.shard import is_sharded, load_trainable, saved_names, split_optimizer_state
+
     adapter = load_file(folder / "adapter_model.safetensors")
     check_adapter_fits(folder, model, adapter)
-    set_peft_model_state_dict(model, adapter)
-    load_optimizer(optimizer, folder)
+    if is_sharded(model):
+        load_trainable(model, {model_name: adapter[saved_name] for saved_name, model_name in saved_names(model).items()})
+        load_optimizer(optimizer, folder)
+        split_optimizer_state(optimizer)
+    else:
+        set_peft_model_state_dict(model, adapter)
+        load_optimizer(optimizer, folder)
     scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
     load_rng_state(folder, rank)
     return TrainState.from_json((folder / STATE_FILE).read_text())

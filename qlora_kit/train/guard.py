@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -66,12 +66,27 @@ def on_device(tensor: torch.Tensor) -> torch.Tensor:
     return view
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's share of a tensor sharded by FSDP, else the tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """A device boolean: every value of every floating-point tensor is finite (no host synchronisation)."""
-    floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
+    """A device boolean: every value of every floating-point tensor is finite (no host synchronisation).
+
+    Of a tensor sharded by FSDP only this process's share is looked at (`every_process` combines them).
+    """
+    floats = [_local(t).detach() for t in tensors if t.is_floating_point() and t.numel()]
     if not floats:
         return torch.ones((), dtype=torch.bool, device=tensors[0].device if tensors else "cpu")
     return torch.stack([torch.isfinite(t).all().to(floats[0].device) for t in floats]).all()
+
+
+def every_process(flag: torch.Tensor) -> torch.Tensor:
+    """A device boolean true only where it is true on every process of the run."""
+    value = flag.to(torch.int32)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return value.bool()
 
 
 @dataclass
@@ -151,7 +166,11 @@ class NonfiniteGuard:
         if not self.enabled:
             return
         if not self._python_step_counts:  # torch's AdamW: judge the applied update now (it cannot be undone)
-            self.update_finite.copy_(all_finite(self._optimizer_tensors()) | ~self.apply)
+            tensors = self._optimizer_tensors()
+            finite = all_finite(tensors)
+            if any(hasattr(t, "to_local") for t in tensors):  # sharded: every process judges the whole update
+                finite = every_process(finite)
+            self.update_finite.copy_(finite | ~self.apply)
         bad = (~(self.apply & self.update_finite)).long()
         skipped, in_a_row, start, tripped = self.counts.unbind()
         in_a_row = (in_a_row + 1) * bad
@@ -215,27 +234,27 @@ def nonfinite_stop_message(report: GuardReport, max_in_a_row: int, step: int, ch
     )
 
 
-def nonfinite_parameters(model) -> list[str]:
-    """Names of the trainable parameters holding a NaN or inf (one device-to-host read)."""
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+def nonfinite_parameters(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors holding a NaN or inf (one device-to-host read)."""
+    named = list(tensors.items())
     if not named:
         return []
     finite = torch.stack([all_finite([p]).to(named[0][1].device) for _, p in named]).tolist()
     return [name for (name, _), ok in zip(named, finite) if not ok]
 
 
-def refuse_nonfinite_weights(model, what: str, newest_checkpoint: Optional[Path]) -> None:
+def refuse_nonfinite_weights(adapter: Mapping[str, torch.Tensor], what: str, newest_checkpoint: Optional[Path]) -> None:
     """Raise before a non-finite adapter is written: neither a checkpoint nor the final adapter may hold NaN or inf.
 
     Args:
-        model: the model whose trainable parameters are checked.
+        adapter: the trainable parameters by name (`qlora_kit.model.shard.trainable_tensors`).
         what: the start of the message, e.g. "training stopped at step 7".
         newest_checkpoint: the newest checkpoint written (None: none), named as the way back.
 
     Raises:
         UserError: naming what stopped, a parameter, and what there is to go back to.
     """
-    bad = nonfinite_parameters(model)
+    bad = nonfinite_parameters(adapter)
     if not bad:
         return
     back = (f"the newest checkpoint, {newest_checkpoint}, is intact: after the fix continue with "

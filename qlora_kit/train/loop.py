@@ -17,6 +17,13 @@ large. A signal to any process stops them all after the same step (the processes
 every step, the one wait on the device they add), with one checkpoint that holds every process's
 RNG state. A process that dies makes the others stop at their next exchange with one line
 (errors.LostProcess) naming the newest checkpoint, rather than a collective's traceback.
+
+FSDP (a model sharded while loading, qlora_kit/model/shard.py): the same, except that the model is
+not given to the accelerator (it is sharded already), every process runs the same number of
+forwards at eval (a process short of eval batches runs one more and drops it, since each forward
+gathers the layers from all processes), the LoRA weights and optimizer states are gathered whole
+before a checkpoint is written, and no sample replies are written (generation would have to run in
+step on every process).
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ from qlora_kit.config import TrainArguments
 from qlora_kit.data.batches import collate, epoch_batches, process_share
 from qlora_kit.data.tokenize import IGNORE_INDEX
 from qlora_kit.errors import LostProcess, UserError
-from qlora_kit.log import logger
+from qlora_kit.log import logger, notice_once
+from qlora_kit.model.shard import is_sharded, optimizer_state, trainable_tensors
 from qlora_kit.train.checkpoint import (DataPosition, TrainState, best_checkpoint, checkpoints_dir, remove_leftovers,
                                         resume_training, rotate_checkpoints, save_checkpoint)
 from qlora_kit.train.guard import NonfiniteGuard, nonfinite_stop_message, refuse_nonfinite_weights
@@ -151,14 +159,19 @@ def evaluate(model, dataset: Dataset, batch_size: int, pad_id: int, device: torc
         should_stop = None
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, trained tokens
-    for start in range(rank * batch_size, len(dataset), batch_size * num_processes):
+    starts = list(range(rank * batch_size, len(dataset), batch_size * num_processes))
+    rounds = math.ceil(math.ceil(len(dataset) / batch_size) / num_processes) if is_sharded(model) else len(starts)
+    for index in range(rounds):
         if should_stop is not None and should_stop():
             model.train()
             return None
+        start = starts[index] if index < len(starts) else 0  # past its share: a forward in step with the others
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        sums[0] += batch_loss_sum(model, batch).double()
-        sums[1] += count_trained_tokens(batch["labels"])
+        loss_sum = batch_loss_sum(model, batch).double()
+        if index < len(starts):
+            sums[0] += loss_sum
+            sums[1] += count_trained_tokens(batch["labels"])
     model.train()
     if num_processes > 1:
         sums = accelerator.reduce(sums, reduction="sum")
@@ -254,7 +267,14 @@ def train(
     scheduler = build_scheduler(optimizer, args, total_steps)
     guard = NonfiniteGuard(optimizer, args.max_nonfinite_steps, device)
     metrics = MetricsLog(run_dir / "metrics.jsonl", on_row=tracker_sink(accelerator))
-    model, prepared_optimizer = accelerator.prepare(model, optimizer)
+    sharded = is_sharded(model)
+    if sharded:  # FSDP already holds it; data parallel would wrap it again
+        prepared_optimizer = accelerator.prepare(optimizer)
+    else:
+        model, prepared_optimizer = accelerator.prepare(model, optimizer)
+    if sharded and samples is not None:
+        notice_once("sample replies are not written in an FSDP run (every process would have to generate in step)")
+        samples = None
     remove_leftovers(run_dir)
     state = TrainState()
     if resume_dir is not None:  # last before the first step: it restores the RNG states
@@ -267,13 +287,15 @@ def train(
 
     def checkpoint() -> Path:
         guard.read()  # sets bitsandbytes' step counts back before they are saved
-        refuse_nonfinite_weights(accelerator.unwrap_model(model), f"training stopped at step {state.step}",
-                                 stop.newest_checkpoint)
+        unwrapped = accelerator.unwrap_model(model)
+        adapter = trainable_tensors(unwrapped)  # every process: a sharded model's are gathered
+        refuse_nonfinite_weights(adapter, f"training stopped at step {state.step}", stop.newest_checkpoint)
+        gathered = (adapter, optimizer_state(optimizer, unwrapped)) if sharded else (None, None)
         state.nonfinite, state.log_window = guard.state_dict(), window.state_dict()
         path = checkpoints_dir(run_dir) / f"step-{state.step}"
         rng_states = gather_object([capture_rng_state()]) if accelerator.num_processes > 1 else None
         if accelerator.is_main_process:
-            save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, state, rng_states)
+            save_checkpoint(run_dir, unwrapped, optimizer, scheduler, state, rng_states, *gathered)
             rotate_checkpoints(run_dir, args.save_total_limit, args.keep_best_checkpoint)
         accelerator.wait_for_everyone()
         stop.newest_checkpoint = path

@@ -191,12 +191,16 @@ def final_hidden_states(model: nn.Module, inputs: dict[str, torch.Tensor]) -> to
     """The decoder body's output (after the final norm), without the logit head.
 
     Under DistributedDataParallel the forward must go through the wrapper, which prepares the
-    gradient synchronisation: the whole model runs with lm_head applied to no position
-    (`logits_to_keep`, an empty index, a forward argument of every supported family), and a forward
-    hook on the decoder body keeps its output.
+    gradient synchronisation, and under FSDP through the root module, which gathers the weights
+    outside the decoder layers (embeddings, final norm, lm_head; the root keeps them gathered until
+    backward, so the loss's use of lm_head finds them): the whole model runs with lm_head applied to
+    no position (`logits_to_keep`, an empty index, a forward argument of every supported family),
+    and a forward hook on the decoder body keeps its output.
     """
+    from torch.distributed.fsdp import FSDPModule
+
     decoder = causal_lm(model).get_decoder()
-    if not isinstance(model, nn.parallel.DistributedDataParallel):
+    if not isinstance(model, (nn.parallel.DistributedDataParallel, FSDPModule)):
         return decoder(**inputs).last_hidden_state
     kept: list[torch.Tensor] = []
     handle = decoder.register_forward_hook(lambda module, args, output: kept.append(output.last_hidden_state))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -42,10 +42,13 @@ def join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def save_optimizer(optimizer, folder: Path) -> None:
-    """Optimizer state (bitsandbytes' quantized state too): tensors to safetensors, the rest to JSON."""
+def save_optimizer(optimizer, folder: Path, state_dict: Optional[dict[str, Any]] = None) -> None:
+    """Optimizer state (bitsandbytes' quantized state too): tensors to safetensors, the rest to JSON.
+
+    `state_dict`: the state to write instead of the optimizer's own (a sharded run's, gathered whole).
+    """
     tensors: dict[str, torch.Tensor] = {}
-    structure = split_tensors(optimizer.state_dict(), tensors)
+    structure = split_tensors(optimizer.state_dict() if state_dict is None else state_dict, tensors)
     save_file(tensors, folder / "optimizer.safetensors")
     (folder / "optimizer.json").write_text(json.dumps(structure))
 
