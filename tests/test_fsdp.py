@@ -1,0 +1,187 @@
+"""FSDP2-sharded QLoRA with two processes on CPU (gloo): the recipe under recipes/accelerate/fsdp2.yaml trains as
+one process with twice the batch, writes checkpoints and the adapter in the one-process format, and resumes exactly;
+the sharded loader gives each process half of the parameters and the LoRA weights one process would draw."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_kit.config import parse
+from qlora_kit.errors import UserError
+from qlora_kit.launch import LaunchSettings
+from qlora_kit.model.shard import refuse_unshardable
+from qlora_kit.bench.resilience import step_losses
+from tiny_models import save_tiny_model, tiny_chat_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+FSDP_CONFIG = ROOT / "recipes" / "accelerate" / "fsdp2.yaml"
+# 10 training conversations in global batches of 4, 2 micro-batches a step: the last batch of the epoch holds 2.
+RUN = ["--max_steps", "4", "--eval_fraction", "0.25", "--eval_steps", "2", "--gradient_accumulation_steps", "2",
+       "--logging_steps", "1", "--save_steps", "2", "--optim", "adamw_torch", "--lora_dropout", "0",
+       "--learning_rate", "2e-3", "--warmup_ratio", "0", "--lora_r", "4", "--lora_alpha", "8"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny random chat model (4 layers, fp32 weights) with its tokenizer, and 13 conversations."""
+    folder = save_tiny_model(tmp_path_factory.mktemp("fsdp") / "model", dtype=torch.float32, num_hidden_layers=4)
+    tiny_chat_tokenizer().save_pretrained(folder)
+    data = folder.parent / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"What is {i} plus {i}?" + " more" * (i % 5)},
+        {"role": "assistant", "content": f"It is {2 * i}." + " really" * (i % 3)}]}) + "\n" for i in range(13)))
+    return folder, data
+
+
+def recipe(model: Path, data: Path, out: Path, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
+    """The chat recipe as a user runs it: one plain process, or `accelerate launch` with the FSDP configuration."""
+    args = ["-m", "qlora_kit.recipes.chat", "--model_name_or_path", str(model), "--dataset_name", str(data),
+            "--output_dir", str(out), *RUN, *extra]
+    launcher = ([] if processes == 1 else
+                ["-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG), "--num_processes", str(processes)])
+    result = subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True, timeout=900, env=ENV)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def eval_losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["eval_loss"] for row in rows if "eval_loss" in row}
+
+
+def assert_close_files(first: Path, second: Path, name: str, exact: bool = False) -> None:
+    a, b = load_file(first / name), load_file(second / name)
+    assert a.keys() == b.keys(), name
+    for key in a:
+        assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, key
+        if exact:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(chat_model, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    model, data = chat_model
+    out = tmp_path_factory.mktemp("fsdp-run") / "two"
+    return out, recipe(model, data, out, "--per_device_train_batch_size", "2", processes=2)
+
+
+def test_two_fsdp_processes_train_as_one_process_with_twice_the_batch(chat_model, fsdp_run, tmp_path):
+    model, data = chat_model
+    one = tmp_path / "one"
+    recipe(model, data, one, "--per_device_train_batch_size", "4")
+    two, result = fsdp_run
+
+    assert "FSDP2 over 2 processes" in result.stderr
+    expected, got = step_losses(one), step_losses(two)
+    assert sorted(got) == [1, 2, 3, 4]  # written once, by one process
+    assert got == pytest.approx(expected, rel=1e-5)  # fp32: the same sums, reduced in another order
+    assert eval_losses(two) == pytest.approx(eval_losses(one), rel=1e-5)
+    # The same files, in the same format, as a one-process run (plus the second process's RNG state).
+    for run_file in ("adapter_model.safetensors", "checkpoints/step-4/adapter_model.safetensors",
+                     "checkpoints/step-4/optimizer.safetensors"):
+        assert_close_files(one, two, run_file)
+    names = {p.name for p in (two / "checkpoints" / "step-4").iterdir()}
+    assert names == {p.name for p in (one / "checkpoints" / "step-4").iterdir()} | {"rng-1.json", "rng-1.safetensors"}
+    step4 = "checkpoints/step-4/optimizer.json"
+    assert json.loads((one / step4).read_text()) == json.loads((two / step4).read_text())
+    assert json.loads((one / "adapter_config.json").read_text()) == json.loads((two / "adapter_config.json").read_text())
+    adapter = load_file(two / "adapter_model.safetensors")
+    assert any("lora_B" in name and value.abs().sum() > 0 for name, value in adapter.items())  # trained
+
+
+def test_a_two_process_fsdp_run_resumes_exactly(chat_model, fsdp_run, tmp_path):
+    model, data = chat_model
+    straight, _ = fsdp_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    recipe(model, data, resumed, "--per_device_train_batch_size", "2", "--resume_from_checkpoint",
+           str(resumed / "checkpoints" / "step-2"), processes=2)
+    assert step_losses(resumed) == step_losses(straight)  # bit for bit: the split optimizer states came back
+    assert eval_losses(resumed) == eval_losses(straight)
+    assert_close_files(straight, resumed, "adapter_model.safetensors", exact=True)
+
+
+LOADER_SCRIPT = """
+import json
+import os
+import sys
+from pathlib import Path
+import torch
+from transformers import set_seed
+from qlora_kit.config import parse
+from qlora_kit.launch import launch_settings
+from qlora_kit.model.lora import add_lora, enable_gradient_checkpointing
+from qlora_kit.model.shard import load_sharded, parameter_bytes, trainable_tensors
+from qlora_kit.model.stream_load import load_model
+
+torch.distributed.init_process_group("gloo")
+model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+config = parse(["--model_name_or_path", str(model_dir), "--optim", "adamw_torch", "--lora_dropout", "0"])
+cpu = torch.device("cpu")
+set_seed(config.train.seed)
+plain = add_lora(load_model(model_dir, config.model, config.stream, torch.float32, cpu), config.lora, torch.float32)
+set_seed(config.train.seed)
+sharded = load_sharded(model_dir, config, torch.float32, torch.float32, cpu, launch_settings())
+first = [{k: v.detach().clone() for k, v in trainable_tensors(m).items()} for m in (plain, sharded)]
+held, whole = parameter_bytes(sharded)
+torch.manual_seed(0)
+ids = torch.randint(0, 500, (2, 24))
+losses = []
+for model in (plain, sharded):
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    losses.append(loss.item())
+after = trainable_tensors(plain), trainable_tensors(sharded)
+rank = torch.distributed.get_rank()
+(out / f"rank-{rank}.json").write_text(json.dumps({
+    "names_equal": first[0].keys() == first[1].keys(),
+    "init_equal": all(torch.equal(first[0][k], first[1][k]) for k in first[0]),
+    "held": held, "whole": whole, "plain_bytes": sum(p.numel() * p.element_size() for p in plain.parameters()),
+    "losses": losses, "after_diff": max((after[0][k] - after[1][k]).abs().max().item() for k in after[0]),
+}))
+"""
+
+
+def test_the_sharded_loader_gives_each_process_half_and_the_lora_weights_one_process_draws(chat_model, tmp_path):
+    model, _ = chat_model
+    script = tmp_path / "load.py"
+    script.write_text(LOADER_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(model),
+               str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**ENV, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in (0, 1):
+        found = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert found["names_equal"] and found["init_equal"]  # same seed, same draws as the one-process setup
+        assert found["whole"] == found["plain_bytes"]  # the same parameters, stored as FSDP needs them
+        assert found["held"] <= found["whole"] / 2 + 4096  # half of each, up to one padding row per tensor
+        assert found["losses"][0] == pytest.approx(found["losses"][1], rel=1e-6)
+        assert found["after_diff"] < 1e-6  # two AdamW steps later: the same weights
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--optim", "paged_adamw_8bit", "--optim adamw_torch"),
+    ("--use_dora", "true", "DoRA"),
+    ("--resident_layers", "2", "drop them"),
+])
+def test_settings_fsdp_cannot_run_are_refused_before_loading(flag, value, says):
+    config = parse(["--optim", "adamw_torch", flag, value])
+    with pytest.raises(UserError, match=says):
+        refuse_unshardable(config, LaunchSettings(num_processes=2, fsdp=True))
+    refuse_unshardable(parse(["--optim", "adamw_torch"]), LaunchSettings(num_processes=2, fsdp=True))
