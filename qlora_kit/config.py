@@ -197,6 +197,14 @@ class MemoryArguments:
         "full logits. Unset: sized from the vocabulary (256 MiB of fp32 logits per chunk).",
         default=None,
     )
+    plan_num_processes: int = help_field(
+        "Processes to plan for (one per GPU; the plan is per GPU); 0: the launch's (WORLD_SIZE).", default=0
+    )
+    plan_fsdp: Literal["auto", "true", "false", "offload"] = help_field(
+        "Plan for FSDP2 sharding across the processes: true, offload (fsdp_offload_params: the shards wait in "
+        "host RAM), false (data parallel), or auto: the launch's (accelerate's FSDP settings).",
+        default="auto",
+    )
 
 
 @dataclass
@@ -405,6 +413,7 @@ NUMERIC_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "num_train_epochs": (lambda v: v >= 0, "0 or positive"),
     "max_steps": (lambda v: v == -1 or v > 0, "-1 (run --num_train_epochs) or a positive number of steps"),
     "per_device_train_batch_size": (lambda v: v >= 1, "at least 1"),
+    "plan_num_processes": (lambda v: v >= 0, "0 (the launch's) or a number of processes"),
     "per_device_eval_batch_size": (lambda v: v >= 1, "at least 1"),
     "gradient_accumulation_steps": (lambda v: v >= 1, "at least 1"),
     "learning_rate": (lambda v: 0 < v <= MAX_LEARNING_RATE,

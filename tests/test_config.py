@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from qlora_kit.config import field_names, parse
 from qlora_kit.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = sorted((ROOT / "recipes").rglob("*.yaml"))
+PRESETS = sorted((ROOT / "recipes" / "chat").glob("*.yaml"))  # recipes/accelerate/ holds accelerate's configs
 
 
 def test_defaults_are_the_demo_model_and_data():
@@ -28,7 +29,10 @@ def test_flags_override_the_yaml(tmp_path):
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
 def test_every_preset_parses_and_starts_with_its_command(preset):
     first_line = preset.read_text().splitlines()[0]
-    assert first_line.startswith("# python -m qlora_kit.recipes.chat --config recipes/")
+    launcher = re.match(r"# (python|accelerate launch --config_file (recipes/accelerate/\S+\.yaml)) -m qlora_kit\.recipes\.chat "
+                        r"--config recipes/", first_line)
+    assert launcher, first_line
+    assert launcher.group(2) is None or (ROOT / launcher.group(2)).is_file()
     assert str(preset.relative_to(ROOT)) in first_line
     config = parse(["--config", str(preset)])
     assert set(yaml.safe_load(preset.read_text())) <= field_names()

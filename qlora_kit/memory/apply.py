@@ -27,10 +27,11 @@ from torch import nn
 
 from qlora_kit.config import RunConfig, StreamArguments
 from qlora_kit.errors import UserError
+from qlora_kit.launch import LaunchSettings, launch_settings
 from qlora_kit.log import logger, notice_once
 from qlora_kit.memory.budget import PlanSettings
 from qlora_kit.memory.offload import ActivationOffloader, enable_activation_offload
-from qlora_kit.memory.plan import MemoryPlan, format_table, gib, parse_memory_size, plan_memory
+from qlora_kit.memory.plan import MemoryPlan, describe_launch, format_table, gib, parse_memory_size, plan_memory
 from qlora_kit.memory.shapes import load_model_config, meta_model, shape_from_model
 from qlora_kit.train.loss import set_loss_chunk_size
 
@@ -39,8 +40,21 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def planned_launch(config: RunConfig) -> LaunchSettings:
+    """The processes to plan for: the launch's (accelerate's environment), unless --plan_num_processes or
+    --plan_fsdp say otherwise (to plan several GPUs before launching)."""
+    memory = config.memory
+    launch = launch_settings() if memory.plan_num_processes == 0 or memory.plan_fsdp == "auto" else LaunchSettings()
+    num_processes = memory.plan_num_processes or launch.num_processes
+    if memory.plan_fsdp == "auto":
+        return dataclasses.replace(launch, num_processes=num_processes)
+    return LaunchSettings(num_processes=num_processes, fsdp=memory.plan_fsdp != "false",
+                          offload_params=memory.plan_fsdp == "offload")
+
+
 def plan_settings(config: RunConfig, compute_dtype: str, lora_dtype: str) -> PlanSettings:
-    """The planner's view of a run configuration."""
+    """The planner's view of a run configuration, for the launch's processes (`planned_launch`)."""
+    launch = planned_launch(config)
     return PlanSettings(
         micro_batch_size=config.train.per_device_train_batch_size,
         max_seq_length=config.data.max_seq_length,
@@ -58,6 +72,9 @@ def plan_settings(config: RunConfig, compute_dtype: str, lora_dtype: str) -> Pla
         loss_chunk_size=config.memory.loss_chunk_size,
         resident_layers=config.stream.resident_layers if config.stream.resident_layers >= 0 else None,
         layer_major_micro_batches=config.train.gradient_accumulation_steps if config.stream.layer_major_accumulation else 1,
+        num_processes=launch.num_processes,
+        fsdp=launch.fsdp,
+        fsdp_offload_params=launch.offload_params,
     )
 
 
@@ -164,10 +181,11 @@ def apply_memory_settings(model: nn.Module, config: RunConfig, plan: Optional[Me
 
 
 def _layer_inputs_bytes(plan: Optional[MemoryPlan]) -> int:
-    """The checkpointed layer inputs of one micro-batch, as the plan counts them (0 without a plan)."""
+    """The checkpointed layer inputs of one micro-batch of this process, as the plan counts them (0 without a
+    plan); the plan's host rows count every process of the machine."""
     if plan is None:
         return 0
-    return sum(row.bytes for row in plan.rows if row.name == "checkpointed hidden states")
+    return sum(row.bytes for row in plan.rows if row.name == "checkpointed hidden states") // plan.num_processes
 
 
 def _planned_dtypes(config: RunConfig) -> tuple[str, str]:
@@ -205,7 +223,8 @@ def plan_command(argv: list[str]) -> int:
         print(json.dumps({"model": args.model, **plan.to_dict()}, indent=2))
     else:
         print(format_table(plan, f"{args.model}: {compute} compute, r={config.lora.lora_r}, {config.train.optim}, "
-                                 f"{gib(gpu)} of GPU memory, {gib(host)} of host RAM"))
+                                 f"{gib(gpu)} of GPU memory{' per GPU' if describe_launch(plan) else ''}, "
+                                 f"{gib(host)} of host RAM"))
     return 0 if plan.fits else 1
 
 
@@ -217,4 +236,7 @@ NAME is a shipped shape in recipes/models/ (llama-3.1-8b, llama-3.1-70b, qwen2.5
 mistral-7b, gemma-2-9b, smollm2-135m-instruct). Run fields are the recipe's (see
 python -m qlora_kit.recipes.chat --help): --per_device_train_batch_size, --max_seq_length, --lora_r,
 --optim, --offload_activations, --loss_chunk_size, --config YAML, ... --host_memory defaults to this
-machine's RAM. Exit code 0 when the plan fits, 1 when it does not, 2 on a bad argument."""
+machine's RAM. Several GPUs: --plan_num_processes N (default: the launch's WORLD_SIZE, else 1) and
+--plan_fsdp true|offload|false (default: the launch's accelerate FSDP settings) plan per GPU, such as
+--plan_num_processes 2 --plan_fsdp offload --optim adamw_torch for FSDP2 on two cards.
+Exit code 0 when the plan fits, 1 when it does not, 2 on a bad argument."""

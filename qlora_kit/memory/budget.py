@@ -26,7 +26,7 @@ occupy the card until evicted), so `torch.cuda.max_memory_reserved()` does not s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from qlora_kit.memory.shapes import LinearShape, ModelShape
@@ -41,14 +41,24 @@ MIN_8BIT_SIZE = 4096
 PAGED_MIN_NUMEL = 100_000
 
 
+def nf4_packed_bytes(numel: int) -> int:
+    """Bytes of the packed 4-bit codes of one NF4 weight: the parameter itself (what FSDP shards)."""
+    return (numel + 1) // 2
+
+
+def nf4_state_bytes(numel: int, double_quant: bool = True) -> int:
+    """Bytes of the quantization state of one NF4 weight (absmax, offset, nested absmax, code books): it lives
+    on the module, not in a parameter, so FSDP leaves it whole on every process."""
+    blocks = math.ceil(numel / NF4_BLOCKSIZE)
+    if not double_quant:
+        return 4 * blocks + NF4_CODE_BYTES
+    nested_blocks = math.ceil(blocks / NESTED_BLOCKSIZE)
+    return blocks + 4 + NF4_CODE_BYTES + 4 * nested_blocks + DYNAMIC_CODE_BYTES
+
+
 def nf4_bytes(numel: int, double_quant: bool = True) -> int:
     """Bytes of one NF4 weight of `numel` elements with its quantization state."""
-    blocks = math.ceil(numel / NF4_BLOCKSIZE)
-    packed = (numel + 1) // 2
-    if not double_quant:
-        return packed + 4 * blocks + NF4_CODE_BYTES
-    nested_blocks = math.ceil(blocks / NESTED_BLOCKSIZE)
-    return packed + blocks + 4 + NF4_CODE_BYTES + 4 * nested_blocks + DYNAMIC_CODE_BYTES
+    return nf4_packed_bytes(numel) + nf4_state_bytes(numel, double_quant)
 
 
 def linear_bytes(linear: LinearShape, compute_bytes: int, double_quant: bool = True) -> int:
@@ -65,22 +75,33 @@ class WeightBytes:
     lm_head: int                # 0 when tied to the input embeddings
     other: int                  # final norm and anything else outside the blocks
     quantized_params: int       # weights held in NF4
+    per_layer_states: list[int] = field(default_factory=list)  # of per_layer: the NF4 quantization states
+    other_states: int = 0       # of other: the quantization states of NF4 weights outside the blocks
 
     @property
     def total(self) -> int:
         return sum(self.per_layer) + self.embeddings + self.lm_head + self.other
 
+    @property
+    def per_layer_params(self) -> list[int]:
+        """Each decoder block's parameters (packed NF4 codes, biases, norms): what FSDP shards."""
+        return [total - states for total, states in zip(self.per_layer, self.per_layer_states)]
+
 
 def weight_bytes(shape: ModelShape, compute_bytes: int, double_quant: bool = True) -> WeightBytes:
     """Bytes of every tensor of the frozen NF4 base, by where it sits."""
     per_layer = [0] * shape.num_layers
-    other = 0
+    per_layer_states = [0] * shape.num_layers
+    other = other_states = 0
     for linear in shape.quantized:
         size = linear_bytes(linear, compute_bytes, double_quant)
+        states = nf4_state_bytes(linear.numel, double_quant)
         if linear.layer is None:
             other += size
+            other_states += states
         else:
             per_layer[linear.layer] += size
+            per_layer_states[linear.layer] += states
     embeddings = lm_head = 0
     for param in shape.unquantized:
         size = param.numel * compute_bytes
@@ -93,7 +114,7 @@ def weight_bytes(shape: ModelShape, compute_bytes: int, double_quant: bool = Tru
         else:
             other += size
     quantized_params = sum(linear.numel for linear in shape.quantized)
-    return WeightBytes(per_layer, embeddings, lm_head, other, quantized_params)
+    return WeightBytes(per_layer, embeddings, lm_head, other, quantized_params, per_layer_states, other_states)
 
 
 def adapted_linears(shape: ModelShape, targets: str = "all") -> list[LinearShape]:
@@ -173,6 +194,9 @@ class PlanSettings:
     resident_layers: Optional[int] = None  # decoder layers on the GPU; None: the planner's choice
     layer_major_micro_batches: int = 1  # micro-batches a step runs layer-major when layers stream; 1: plain order
     trained_fraction: float = 1.0  # share of positions with a label; the chunked loss skips the rest
+    num_processes: int = 1  # processes (GPUs) of the run; the plan is per GPU
+    fsdp: bool = False  # FSDP2 shards the base, LoRA, gradients and optimizer states across the processes
+    fsdp_offload_params: bool = False  # FSDP keeps the shards (and their gradients and optimizer states) in host RAM
 
     @property
     def tokens(self) -> int:

@@ -1,4 +1,4 @@
-"""The memory planner: a budget table and a plan for one GPU, from config.json alone.
+"""The memory planner: a budget table and a plan per GPU, from config.json alone.
 
 `plan_memory(shape, settings, gpu_bytes, host_bytes)` returns a `MemoryPlan`. Its fields, which the
 recipe and the layer streaming of the frozen base rely on:
@@ -26,11 +26,23 @@ recipe and the layer streaming of the frozen base rely on:
                             "host", or "gpu, layer backward" / "gpu, loss" for the two phases of
                             which only the larger counts at the peak
   explanation               what was chosen and why, or what is missing
+  num_processes, fsdp, fsdp_offload_params   the launch the plan is for: one process, N data-parallel
+                            processes (each GPU holds everything), or N processes of FSDP2 (sharded)
 
 The choice: keep every layer resident and activations on the GPU if that fits (fastest); else
 offload activations (one hidden state per layer crosses PCIe twice per step, cheap); else stream
 the fewest decoder layers that makes it fit (a layer's weights cross PCIe twice per step). Explicit
 user settings (offload, chunk size, resident layers) are kept and only checked.
+
+Several processes (`PlanSettings.num_processes`, `fsdp`): the figures are per GPU, host RAM is the
+machine's (all processes together). Data parallel: each GPU holds what one process holds, plus
+DDP's bucket slack (the buckets are the LoRA gradients, `gradient_as_bucket_view`); layer streaming
+runs on one process only, so the planner does not choose it. FSDP2: the decoder layers' parameters
+(packed NF4 codes, norms, biases), the LoRA weights, their gradients and optimizer states are split
+1/N per GPU (or wait in host RAM with `fsdp_offload_params`); the NF4 quantization states stay whole
+(they are not parameters); two decoder layers (the one computing, the one prefetched) and the
+embeddings, final norm and lm_head are gathered whole; one layer's LoRA gradients are whole before
+their reduce-scatter. Under FSDP only `adamw_torch` can step the sharded parameters.
 
 The peak is static bytes (weights, LoRA weights, gradients, optimizer states) + the checkpointed
 hidden states + the larger of two phases: one layer's recompute and backward, or the final hidden
@@ -42,13 +54,13 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 from qlora_kit.errors import UserError
 
 from qlora_kit.memory import activations as act
-from qlora_kit.memory.budget import (PlanSettings, adapted_linears, lora_tensor_numels, optimizer_state_bytes,
-                                     paged_state_bytes, weight_bytes)
+from qlora_kit.memory.budget import (PlanSettings, WeightBytes, adapted_linears, lora_tensor_numels,
+                                     optimizer_state_bytes, paged_state_bytes, weight_bytes)
 from qlora_kit.memory.shapes import ModelShape
 from qlora_kit.train.loss import planned_chunk_size
 
@@ -59,6 +71,8 @@ HOST_BASELINE_BYTES = 4 * GiB     # the Python process with torch, transformers 
 ALLOCATOR_SLACK = 0.05            # caching-allocator rounding and fragmentation, on the activations
 CUBLAS_WORKSPACES = 2 * 32 * MiB  # one 32 MiB cuBLAS workspace for the forward thread, one for autograd's
 LAYERS_IN_FLIGHT = 2
+DDP_BUCKET_SLACK = 25 * MiB       # DDP's buckets are views of the gradients (gradient_as_bucket_view): slack only
+FSDP_OPTIM = "adamw_torch"        # bitsandbytes' optimizers fail on FSDP's sharded (DTensor) parameters
 PHASES = ("gpu, layer backward", "gpu, loss")
 
 
@@ -74,7 +88,7 @@ class BudgetRow:
 
 @dataclass
 class MemoryPlan:
-    """The plan for one run on one card; the fields are described in the module docstring."""
+    """The plan for one run, per GPU; the fields are described in the module docstring."""
 
     fits: bool
     gpu_bytes: int
@@ -96,6 +110,9 @@ class MemoryPlan:
     max_seq_length_at_batch_1: int = 0
     rows: list[BudgetRow] = field(default_factory=list)
     explanation: str = ""
+    num_processes: int = 1
+    fsdp: bool = False
+    fsdp_offload_params: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -146,7 +163,62 @@ def _static_rows(shape: ModelShape, s: PlanSettings, resident: int) -> list[Budg
             BudgetRow(f"streamed decoder layers ({streamed})", sum(weights.per_layer[resident:]), "host",
                       "pinned host RAM"),
         ]
+    if s.num_processes > 1:
+        rows.append(BudgetRow("DDP bucket slack", DDP_BUCKET_SLACK, "gpu",
+                              "gradient_as_bucket_view: the buckets are the LoRA gradients"))
     return rows
+
+
+def _lora_bytes_by_layer(shape: ModelShape, s: PlanSettings) -> tuple[list[int], int]:
+    """LoRA weight bytes of each decoder layer, and of LoRA outside the layers (lm_head when named)."""
+    per_layer, outside = [0] * shape.num_layers, 0
+    for linear in adapted_linears(shape, s.lora_target_modules):
+        size = sum(lora_tensor_numels([linear], s.lora_r, s.use_dora)) * s.lora_bytes
+        if linear.layer is None:
+            outside += size
+        else:
+            per_layer[linear.layer] += size
+    return per_layer, outside
+
+
+def _root_bytes(weights: WeightBytes) -> int:
+    """Embeddings, lm_head, final norm: the parameters outside the decoder layers (the root FSDP unit)."""
+    return weights.embeddings + weights.lm_head + weights.other - weights.other_states
+
+
+def _sharded_rows(shape: ModelShape, s: PlanSettings) -> list[BudgetRow]:
+    """FSDP2, per GPU: parameters, LoRA, gradients and optimizer states split 1/N (or in host RAM with offload)."""
+    n = s.num_processes
+    weights = weight_bytes(shape, s.compute_bytes, s.double_quant)
+    lora_layers, lora_outside = _lora_bytes_by_layer(shape, s)
+    linears = adapted_linears(shape, s.lora_target_modules)
+    numels = lora_tensor_numels(linears, s.lora_r, s.use_dora)
+    lora = sum(numels) * s.lora_bytes
+    root = _root_bytes(weights)
+
+    def shard(name: str, total: int, how: str) -> BudgetRow:
+        if s.fsdp_offload_params:  # every process's 1/N in the machine's RAM: the whole once
+            return BudgetRow(f"{name}, {n} shards", total, "host", f"{how}; FSDP offload: host RAM of all processes")
+        return BudgetRow(f"{name}, 1/{n} shard", -(-total // n), "gpu", f"{how}; / {n} processes")
+
+    gathered = max(p + lo for p, lo in zip(weights.per_layer_params, lora_layers))
+    return [
+        shard("decoder layers' parameters", sum(weights.per_layer_params),
+              "packed NF4 codes (4 bits/param, stored in the compute dtype), norms, biases"),
+        BudgetRow("NF4 quantization states, whole", sum(weights.per_layer_states) + weights.other_states, "gpu",
+                  "absmax, nested absmax, code books: on the modules, not parameters, so not sharded"),
+        shard("embeddings, lm_head, final norm", root, "at rest"),
+        BudgetRow("embeddings, lm_head, final norm, gathered", root + lora_outside, "gpu",
+                  "whole from the first layer to the loss"),
+        BudgetRow(f"gathered decoder layers, {LAYERS_IN_FLIGHT} whole", LAYERS_IN_FLIGHT * gathered, "gpu",
+                  "the layer computing and the one prefetched: parameters and LoRA weights"),
+        shard("LoRA weights", lora, f"{len(linears)} layers x r={s.lora_r} x (in + out) x {s.lora_bytes} B"),
+        shard("LoRA gradients", lora, "same shapes and dtype as the weights"),
+        shard(f"optimizer states ({s.optim})", optimizer_state_bytes(numels, s.optim, s.lora_bytes),
+              "2 states per weight"),
+        BudgetRow("gradient reduce-scatter buffer", max(lora_layers + [lora_outside]), "gpu",
+                  "one layer's LoRA gradients whole"),
+    ]
 
 
 def _layer_major(shape: ModelShape, s: PlanSettings, resident: int) -> int:
@@ -194,12 +266,22 @@ def _slack(rows: list[BudgetRow]) -> int:
 
 def budget_rows(shape: ModelShape, s: PlanSettings, resident: int, offload: bool, chunk: int) -> list[BudgetRow]:
     """The full budget table of one candidate plan."""
-    rows = _static_rows(shape, s, resident) + _activation_rows(shape, s, offload, chunk, resident)
-    rows.append(BudgetRow("allocator slack", _slack(rows), "gpu", f"{ALLOCATOR_SLACK:.0%} of the activations"))
-    rows.append(BudgetRow("cuBLAS workspaces", CUBLAS_WORKSPACES, "gpu", "32 MiB each for the forward and backward threads"))
-    rows.append(BudgetRow("CUDA context and kernels", CUDA_CONTEXT_BYTES, "gpu", "outside torch's allocator"))
-    rows.append(BudgetRow("Python, torch and CUDA libraries", HOST_BASELINE_BYTES, "host", "the process itself"))
-    return rows
+    static = _sharded_rows(shape, s) if s.fsdp else _static_rows(shape, s, resident)
+    own = _activation_rows(shape, s, offload, chunk, resident)
+    own.append(BudgetRow("allocator slack", _slack(own), "gpu", f"{ALLOCATOR_SLACK:.0%} of the activations"))
+    own.append(BudgetRow("cuBLAS workspaces", CUBLAS_WORKSPACES, "gpu", "32 MiB each for the forward and backward threads"))
+    own.append(BudgetRow("CUDA context and kernels", CUDA_CONTEXT_BYTES, "gpu", "outside torch's allocator"))
+    own.append(BudgetRow("Python, torch and CUDA libraries", HOST_BASELINE_BYTES, "host", "the process itself"))
+    if not s.fsdp:  # each data-parallel process holds all of its rows; FSDP's host shards are counted whole already
+        static, own = [], static + own
+    return static + [_for_every_process(row, s.num_processes) for row in own]
+
+
+def _for_every_process(row: BudgetRow, n: int) -> BudgetRow:
+    """A row each process holds: on its own GPU once, in the machine's host RAM n times."""
+    if row.where != "host" or n == 1:
+        return row
+    return dataclasses.replace(row, bytes=n * row.bytes, how=f"{row.how}; x {n} processes")
 
 
 def gpu_peak(rows: list[BudgetRow]) -> int:
@@ -212,10 +294,19 @@ def host_need(rows: list[BudgetRow]) -> int:
 
 
 def load_peak(shape: ModelShape, s: PlanSettings, resident: int) -> int:
-    """Loading: the resident weights plus the largest tensor materialised unquantized before quantizing."""
+    """Loading: the resident weights plus the largest tensor materialised unquantized before quantizing.
+
+    Under FSDP each process keeps its shards (none with offload), the quantization states, and the
+    layer being quantized whole.
+    """
     weights = weight_bytes(shape, s.compute_bytes, s.double_quant)
     largest = max([p.numel for p in shape.unquantized] + [q.numel for q in shape.quantized]) * s.compute_bytes
-    return sum(weights.per_layer[:resident]) + weights.embeddings + weights.lm_head + weights.other + largest + CUDA_CONTEXT_BYTES
+    if not s.fsdp:
+        kept = sum(weights.per_layer[:resident]) + weights.total - sum(weights.per_layer)
+        return kept + largest + CUDA_CONTEXT_BYTES
+    shards = 0 if s.fsdp_offload_params else -(-(sum(weights.per_layer_params) + _root_bytes(weights)) // s.num_processes)
+    states = sum(weights.per_layer_states) + weights.other_states
+    return shards + states + max(weights.per_layer) + largest + CUDA_CONTEXT_BYTES
 
 
 def _shortfall(shape: ModelShape, s: PlanSettings, resident: int, offload: bool, chunk: int, gpu: int, host: int) -> int:
@@ -232,7 +323,12 @@ def _fits(shape: ModelShape, s: PlanSettings, resident: int, offload: bool, chun
 def _candidates(shape: ModelShape, s: PlanSettings) -> list[tuple[int, bool]]:
     """(resident layers, offload) in order of preference: fastest first."""
     L = shape.num_layers
-    residents = [min(s.resident_layers, L)] if s.resident_layers is not None else range(L, -1, -1)
+    if s.resident_layers is not None:
+        residents = [min(s.resident_layers, L)]
+    elif s.fsdp or s.num_processes > 1:  # layer streaming runs on one process only
+        residents = [L]
+    else:
+        residents = range(L, -1, -1)
     if not s.gradient_checkpointing:
         return [(r, False) for r in residents]
     if s.offload_activations is not None:
@@ -252,16 +348,30 @@ def _largest(fits, low: int, high: int) -> int:
     return low
 
 
+def refusals(shape: ModelShape, s: PlanSettings) -> list[str]:
+    """Why the recipe would refuse these settings with this launch, whatever the memory; empty when it would not."""
+    reasons = []
+    if s.fsdp and s.optim != FSDP_OPTIM:
+        reasons.append(f"--optim {s.optim} cannot step FSDP's sharded parameters (bitsandbytes' optimizers fail on "
+                       f"them: got mixed torch.Tensor and DTensor): use --optim {FSDP_OPTIM}")
+    several = s.fsdp or s.num_processes > 1
+    if several and s.resident_layers is not None and s.resident_layers < shape.num_layers:
+        reasons.append(f"--resident_layers {s.resident_layers} streams decoder layers, and layer streaming runs on "
+                       f"one process only")
+    return reasons
+
+
 def plan_memory(shape: ModelShape, settings: PlanSettings, gpu_bytes: int, host_bytes: int,
                 max_position: Optional[int] = None) -> MemoryPlan:
-    """Choose what stays on the GPU for this run on this card, and say whether it fits."""
+    """Choose what stays on each GPU for this run on these cards, and say whether it fits."""
     s = settings
     chunk = planned_chunk_size(shape.model_type, shape.vocab_size, s.loss_chunk_size)
     shortfalls = [(_shortfall(shape, s, r, o, chunk, gpu_bytes, host_bytes), (r, o))
                   for r, o in _candidates(shape, s)]
     chosen = next((candidate for short, candidate in shortfalls if short == 0), None)
-    fits = chosen is not None
-    resident, offload = chosen if fits else min(shortfalls, key=lambda item: item[0])[1]
+    refused = refusals(shape, s)
+    fits = chosen is not None and not refused
+    resident, offload = chosen if chosen is not None else min(shortfalls, key=lambda item: item[0])[1]
     rows = budget_rows(shape, s, resident, offload, chunk)
     peak = gpu_peak(rows)
     paged = paged_state_bytes(lora_tensor_numels(adapted_linears(shape, s.lora_target_modules), s.lora_r, s.use_dora),
@@ -283,16 +393,34 @@ def plan_memory(shape: ModelShape, settings: PlanSettings, gpu_bytes: int, host_
         max_micro_batch_size=_largest(lambda b: fits_with(micro_batch_size=b), 1, 4096),
         max_seq_length_at_batch_1=_largest(lambda t: fits_with(micro_batch_size=1, max_seq_length=t), 2,
                                            max_position or 1 << 20),
-        rows=rows,
+        rows=rows, num_processes=s.num_processes, fsdp=s.fsdp, fsdp_offload_params=s.fsdp_offload_params,
     )
-    plan.explanation = explain(plan, shape)
+    plan.explanation = explain(plan, shape, refused, memory_fits=chosen is not None)
     return plan
 
 
-def explain(plan: MemoryPlan, shape: ModelShape) -> str:
-    """One paragraph: what the plan does, or what is missing."""
+def describe_launch(plan: MemoryPlan) -> str:
+    """The processes the plan is for, such as 'per GPU, 2 processes, FSDP2-sharded'; '' for one plain process."""
+    if plan.num_processes == 1 and not plan.fsdp:
+        return ""
+    processes = f"{plan.num_processes} process{'es' if plan.num_processes > 1 else ''}"
+    if not plan.fsdp:
+        return f"per GPU, {processes}, data parallel"
+    return f"per GPU, {processes}, FSDP2-sharded{', parameters offloaded to host RAM' if plan.fsdp_offload_params else ''}"
+
+
+def explain(plan: MemoryPlan, shape: ModelShape, refused: Sequence[str] = (), memory_fits: Optional[bool] = None) -> str:
+    """One paragraph: what the plan does, or what is missing; led by the launch when it has several processes."""
+    launch = describe_launch(plan)
+    text = _explain_memory(plan, shape, plan.fits if memory_fits is None else memory_fits)
+    if refused:
+        text = f"refused: {'; '.join(refused)} (the memory alone: {text})"
+    return f"{launch}: {text}" if launch else text
+
+
+def _explain_memory(plan: MemoryPlan, shape: ModelShape, fits: bool) -> str:
     run = f"{plan.micro_batch_size} x {plan.max_seq_length} tokens"
-    if plan.fits:
+    if fits:
         parts = [f"fits: {gib(plan.predicted_peak_gpu_bytes)} of {gib(plan.gpu_bytes)} at {run}"]
         if plan.streamed_layers:
             parts.append(f"{plan.streamed_layers} of {shape.num_layers} decoder layers stream from host RAM")
@@ -326,12 +454,19 @@ def explain(plan: MemoryPlan, shape: ModelShape) -> str:
         text += f"; --per_device_train_batch_size 1 --max_seq_length {plan.max_seq_length_at_batch_1} fits"
     else:
         text += "; no micro-batch fits on this card"
+    if plan.num_processes > 1 and not plan.fsdp:
+        text += ("; layer streaming runs on one process only: shard the model across the GPUs with FSDP2 "
+                 "(accelerate launch --config_file recipes/accelerate/fsdp2.yaml ... --optim adamw_torch)")
+    elif plan.fsdp and not plan.fsdp_offload_params:
+        text += "; with fsdp_offload_params the shards wait in host RAM (recipes/accelerate/fsdp2-offload.yaml)"
     return text
 
 
 def format_table(plan: MemoryPlan, title: str = "") -> str:
     """The budget table and the plan as readable text."""
     lines = [title] if title else []
+    if describe_launch(plan):
+        lines.append(f"{describe_launch(plan)}; host RAM is the machine's, for all {plan.num_processes} processes")
     width = max(len(r.name) for r in plan.rows) + 2
     larger = _phase_peak(plan.rows)
     lines.append(f"{'':{width}}{'GiB':>9}  where")
