@@ -103,7 +103,8 @@ def load_sharded(model_dir: Path, config: RunConfig, compute_dtype: torch.dtype,
     move_trainable(model, device)
     shard(model, root=True)
     held, whole = parameter_bytes(model)
-    logger.info(f"FSDP2 over {launch.num_processes} processes: each holds its share of the parameters, "
+    processes = f"{launch.num_processes} process" + ("es" if launch.num_processes != 1 else "")
+    logger.info(f"FSDP2 over {processes}: each holds its share of the parameters, "
                 f"{held / 2**20:,.1f} MiB of {whole / 2**20:,.1f} MiB here (the NF4 quantization states stay whole)")
     return model
 
@@ -224,10 +225,14 @@ def saved_names(model: PeftModel) -> dict[str, str]:
 
 
 def split_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This process's share of a whole tensor, placed as the sharded `like` (every process holds `full`)."""
+    """This process's share of a whole tensor, placed as the sharded `like` (every process holds `full`).
+
+    `distribute_tensor` puts the share on the mesh's device; a share FSDP offloads goes back to host RAM.
+    """
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+    share = distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+    return share if share.device == like.device else share.to(like.device)
 
 
 def load_trainable(model: nn.Module, named: Mapping[str, torch.Tensor]) -> None:

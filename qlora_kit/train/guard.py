@@ -169,7 +169,7 @@ class NonfiniteGuard:
             tensors = self._optimizer_tensors()
             finite = all_finite(tensors)
             if any(hasattr(t, "to_local") for t in tensors):  # sharded: every process judges the whole update
-                finite = every_process(finite)
+                finite = every_process(finite.to(self.apply.device))
             self.update_finite.copy_(finite | ~self.apply)
         bad = (~(self.apply & self.update_finite)).long()
         skipped, in_a_row, start, tripped = self.counts.unbind()
