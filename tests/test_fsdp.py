@@ -41,12 +41,14 @@ def chat_model(tmp_path_factory) -> tuple[Path, Path]:
     return folder, data
 
 
-def recipe(model: Path, data: Path, out: Path, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
-    """The chat recipe as a user runs it: one plain process, or `accelerate launch` with the FSDP configuration."""
+def recipe(model: Path, data: Path, out: Path, *extra: str, processes: int = 1,
+           fsdp_config: Path = FSDP_CONFIG) -> subprocess.CompletedProcess:
+    """The chat recipe as a user runs it: one plain process, or `accelerate launch` with an FSDP configuration
+    (processes=0: one process under it)."""
     args = ["-m", "qlora_kit.recipes.chat", "--model_name_or_path", str(model), "--dataset_name", str(data),
             "--output_dir", str(out), *RUN, *extra]
-    launcher = ([] if processes == 1 else
-                ["-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG), "--num_processes", str(processes)])
+    launcher = ([] if processes == 1 else ["-m", "accelerate.commands.launch", "--config_file", str(fsdp_config),
+                                           "--num_processes", str(max(processes, 1))])
     result = subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True, timeout=900, env=ENV)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -185,3 +187,18 @@ def test_settings_fsdp_cannot_run_are_refused_before_loading(flag, value, says):
     with pytest.raises(UserError, match=says):
         refuse_unshardable(config, LaunchSettings(num_processes=2, fsdp=True))
     refuse_unshardable(parse(["--optim", "adamw_torch"]), LaunchSettings(num_processes=2, fsdp=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["fsdp2.yaml", "fsdp2-offload.yaml"])
+def test_fsdp_with_one_process_on_a_gpu_trains_as_a_plain_run(chat_model, tmp_path, config):
+    model, data = chat_model
+    plain = tmp_path / "plain"
+    recipe(model, data, plain, "--per_device_train_batch_size", "4")
+    sharded = tmp_path / "sharded"
+    result = recipe(model, data, sharded, "--per_device_train_batch_size", "4", processes=0,
+                    fsdp_config=FSDP_CONFIG.with_name(config))
+    assert "FSDP2 over 1 process" in result.stderr
+    assert step_losses(sharded) == pytest.approx(step_losses(plain), rel=1e-2)  # bf16 on the GPU
+    adapter = "adapter_model.safetensors"
+    assert load_file(plain / adapter).keys() == load_file(sharded / adapter).keys()

@@ -9,6 +9,7 @@
 #   speed    tools/bench.py: the 8B shape at seq 2048 against the standard transformers + peft loop (300)
 #   memory   tools/measure_memory.py: planner predictions against measured peaks (150)
 #   pytest   the tests marked gpu: CUDA packed isolation, NF4 bit-exactness, paged state, plan within 10%,
+#            FSDP2 (and its CPU offload) with one process on the GPU against a plain run,
 #            layer streaming and layer-major steps on CUDA, pinned slabs (150)
 #   resume   tools/check_exact_resume.py: exact resume with CUDA RNG and the paged 8-bit optimizer (120)
 #   merge    tools/gpu_merge_check.py: the 8B-shaped merge on the GPU (150)
