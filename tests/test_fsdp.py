@@ -202,3 +202,20 @@ def test_fsdp_with_one_process_on_a_gpu_trains_as_a_plain_run(chat_model, tmp_pa
     assert step_losses(sharded) == pytest.approx(step_losses(plain), rel=1e-2)  # bf16 on the GPU
     adapter = "adapter_model.safetensors"
     assert load_file(plain / adapter).keys() == load_file(sharded / adapter).keys()
+
+
+@pytest.mark.parametrize("name, kind, fsdp", [
+    ("ddp.yaml", "MULTI_GPU", False), ("fsdp2.yaml", "FSDP", True), ("fsdp2-offload.yaml", "FSDP", True)])
+def test_the_shipped_accelerate_configurations_read_as_accelerate_reads_them(name, kind, fsdp):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from qlora_kit.launch import launch_settings
+
+    config = load_config_from_file(str(ROOT / "recipes" / "accelerate" / name))
+    assert config.distributed_type.name == kind and config.num_processes == 2
+    if fsdp:
+        assert config.fsdp_config["fsdp_version"] == 2
+        env = {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+               "FSDP_OFFLOAD_PARAMS": str(config.fsdp_config["fsdp_offload_params"]).lower(),
+               "FSDP_RESHARD_AFTER_FORWARD": str(config.fsdp_config["fsdp_reshard_after_forward"]).lower()}
+        assert launch_settings(env) == LaunchSettings(2, True, name == "fsdp2-offload.yaml", True)
