@@ -84,11 +84,11 @@ def load_sharded(model_dir: Path, config: RunConfig, compute_dtype: torch.dtype,
     base = build_empty_model(hf_config, config.model, compute_dtype, quant_storage=compute_dtype)
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(base)
-    placer = TensorPlacer(base, Placement(device, find_decoder_blocks(base)[0]), compute_dtype)
+    blocks_path, blocks = find_decoder_blocks(base)
+    placer = TensorPlacer(base, Placement(device, blocks_path), compute_dtype)
     model = add_lora_to_empty_model(base, config, lora_dtype)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     shard = _sharder(device, launch)
-    blocks_path, blocks = find_decoder_blocks(base)
     files = checkpoint_files_by_layer(checkpoint_shards(model_dir), placer)
     for index, block in enumerate(blocks):
         for key, value in read_keys(files.pop(index, {})):
