@@ -84,6 +84,7 @@ def test_two_fsdp_processes_train_as_one_process_with_twice_the_batch(chat_model
     two, result = fsdp_run
 
     assert "FSDP2 over 2 processes" in result.stderr
+    assert (result.stdout + result.stderr).count("step 2: eval loss") == 1  # one process speaks for the run
     expected, got = step_losses(one), step_losses(two)
     assert sorted(got) == [1, 2, 3, 4]  # written once, by one process
     assert got == pytest.approx(expected, rel=1e-5)  # fp32: the same sums, reduced in another order

@@ -309,6 +309,10 @@ def train(
     loss_checked = False
     with stop, lost_process_stops(accelerator, state, stop), tqdm(
             total=total_steps, initial=state.step, desc="training", disable=not accelerator.is_main_process) as bar:
+        def tell(text: str) -> None:  # tqdm's write prints even from a disabled bar: one process speaks
+            if accelerator.is_main_process:
+                bar.write(text)
+
         while state.step < total_steps:
             step = next(batches)
             if not loss_checked:  # once per run: the chunked loss against the model's own
@@ -353,7 +357,7 @@ def train(
                 bar.set_postfix(loss=f"{row['loss']:.3f}" if "loss" in row else "-", lr=f"{row['learning_rate']:.1e}",
                                 tok_s=f"{row['tokens_per_second']:.0f}")
                 if "skipped_steps" in row:
-                    bar.write(f"step {state.step}: {row['skipped_steps']} step(s) with a non-finite loss or "
+                    tell(f"step {state.step}: {row['skipped_steps']} step(s) with a non-finite loss or "
                               f"gradient norm skipped")
 
             at_eval = bool(args.eval_steps and state.step % args.eval_steps == 0) or at_end
@@ -363,12 +367,12 @@ def train(
                                            should_stop=lambda: stop.received is not None, accelerator=accelerator)
                 if state.eval_loss is not None:
                     log_row({"step": state.step, "eval_loss": state.eval_loss})
-                    bar.write(f"step {state.step}: eval loss {state.eval_loss:.4f}")
+                    tell(f"step {state.step}: eval loss {state.eval_loss:.4f}")
             if samples is not None and at_eval and stop.received is None and accelerator.is_main_process:
                 rows = samples.rows(accelerator.unwrap_model(model), state.step)
                 for row in rows:
                     metrics.write(row)
-                bar.write(samples.summary(rows))
+                tell(samples.summary(rows))
 
             if accelerator.num_processes > 1:
                 stop.received = signal_of_any_process(accelerator, stop.received)
