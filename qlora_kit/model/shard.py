@@ -41,7 +41,7 @@ from qlora_kit.config import RunConfig
 from qlora_kit.errors import UserError
 from qlora_kit.io.safetensors import read_header, read_tensors
 from qlora_kit.launch import LaunchSettings
-from qlora_kit.log import logger
+from qlora_kit.log import logger, notice_once
 from qlora_kit.model.bnb_cpu import four_bit_layers
 from qlora_kit.model.lora import add_lora, enable_gradient_checkpointing
 from qlora_kit.model.stream_load import Placement, TensorPlacer, build_empty_model, checkpoint_shards
@@ -149,7 +149,12 @@ def _sharder(device: torch.device, launch: LaunchSettings):
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (launch.num_processes,))
-    offload = CPUOffloadPolicy() if launch.offload_params else OffloadPolicy()
+    offload_params = launch.offload_params
+    if offload_params and device.type == "cpu":
+        notice_once("fsdp_offload_params is for GPUs (torch's CPU offload needs one): without a GPU the shares "
+                    "are in host RAM anyway, so they stay where they are")
+        offload_params = False
+    offload = CPUOffloadPolicy() if offload_params else OffloadPolicy()
 
     def shard(module: nn.Module, root: bool = False) -> None:
         # The root (embeddings, final norm, lm_head) stays gathered from its forward to its backward, as
