@@ -59,6 +59,11 @@ def eval_losses(run: Path) -> dict[int, float]:
     return {row["step"]: row["eval_loss"] for row in rows if "eval_loss" in row}
 
 
+def replies(run: Path) -> list[tuple[int, str]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["reply"]) for row in rows if "reply" in row]
+
+
 def assert_close_files(first: Path, second: Path, name: str, exact: bool = False) -> None:
     a, b = load_file(first / name), load_file(second / name)
     assert a.keys() == b.keys(), name
@@ -89,6 +94,8 @@ def test_two_fsdp_processes_train_as_one_process_with_twice_the_batch(chat_model
     assert sorted(got) == [1, 2, 3, 4]  # written once, by one process
     assert got == pytest.approx(expected, rel=1e-5)  # fp32: the same sums, reduced in another order
     assert eval_losses(two) == pytest.approx(eval_losses(one), rel=1e-5)
+    # Sample replies: both processes generate in step, one writes; greedy, so the same text as one process's.
+    assert replies(two) == replies(one) and len(replies(two)) == 6  # 3 eval prompts at steps 2 and 4
     # The same files, in the same format, as a one-process run (plus the second process's RNG state).
     for run_file in ("adapter_model.safetensors", "checkpoints/step-4/adapter_model.safetensors",
                      "checkpoints/step-4/optimizer.safetensors"):

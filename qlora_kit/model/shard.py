@@ -80,6 +80,8 @@ def load_sharded(model_dir: Path, config: RunConfig, compute_dtype: torch.dtype,
     weights are drawn as on one process (same seed, same values), so a sharded run starts where an
     unsharded one does.
     """
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
     hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=config.model.trust_remote_code)
     base = build_empty_model(hf_config, config.model, compute_dtype, quant_storage=compute_dtype)
     if config.train.gradient_checkpointing:
@@ -102,6 +104,7 @@ def load_sharded(model_dir: Path, config: RunConfig, compute_dtype: torch.dtype,
         parameter.requires_grad_(name in trainable)
     move_trainable(model, device)
     shard(model, root=True)
+    register_fsdp_forward_method(model, "generate")  # sample replies: the root gathers its weights for it
     held, whole = parameter_bytes(model)
     processes = f"{launch.num_processes} process" + ("es" if launch.num_processes != 1 else "")
     logger.info(f"FSDP2 over {processes}: each holds its share of the parameters, "

@@ -22,8 +22,8 @@ FSDP (a model sharded while loading, qlora_kit/model/shard.py): the same, except
 not given to the accelerator (it is sharded already), every process runs the same number of
 forwards at eval (a process short of eval batches runs one more and drops it, since each forward
 gathers the layers from all processes), the LoRA weights and optimizer states are gathered whole
-before a checkpoint is written, and no sample replies are written (generation would have to run in
-step on every process).
+before a checkpoint is written, and every process generates the sample replies in step (each forward
+gathers the layers from all of them), one writing them.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from qlora_kit.config import TrainArguments
 from qlora_kit.data.batches import collate, epoch_batches, process_share
 from qlora_kit.data.tokenize import IGNORE_INDEX
 from qlora_kit.errors import LostProcess, UserError
-from qlora_kit.log import logger, notice_once
+from qlora_kit.log import logger
 from qlora_kit.model.shard import is_sharded, optimizer_state, trainable_tensors
 from qlora_kit.train.checkpoint import (DataPosition, TrainState, best_checkpoint, checkpoints_dir, remove_leftovers,
                                         resume_training, rotate_checkpoints, save_checkpoint)
@@ -272,9 +272,6 @@ def train(
         prepared_optimizer = accelerator.prepare(optimizer)
     else:
         model, prepared_optimizer = accelerator.prepare(model, optimizer)
-    if sharded and samples is not None:
-        notice_once("sample replies are not written in an FSDP run (every process would have to generate in step)")
-        samples = None
     remove_leftovers(run_dir)
     state = TrainState()
     if resume_dir is not None:  # last before the first step: it restores the RNG states
@@ -368,14 +365,15 @@ def train(
                 if state.eval_loss is not None:
                     log_row({"step": state.step, "eval_loss": state.eval_loss})
                     tell(f"step {state.step}: eval loss {state.eval_loss:.4f}")
-            if samples is not None and at_eval and stop.received is None and accelerator.is_main_process:
-                rows = samples.rows(accelerator.unwrap_model(model), state.step)
-                for row in rows:
-                    metrics.write(row)
-                tell(samples.summary(rows))
-
             if accelerator.num_processes > 1:
                 stop.received = signal_of_any_process(accelerator, stop.received)
+            if samples is not None and at_eval and stop.received is None and (sharded or accelerator.is_main_process):
+                rows = samples.rows(accelerator.unwrap_model(model), state.step, in_step=sharded)
+                if accelerator.is_main_process:
+                    for row in rows:
+                        metrics.write(row)
+                tell(samples.summary(rows))
+
             saved = None
             if (args.save_steps and state.step % args.save_steps == 0) or at_end or stop.received:
                 saved = checkpoint()

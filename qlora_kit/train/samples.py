@@ -82,11 +82,13 @@ class SampleReplies:
         return text if len(text) <= PROMPT_SHOWN_CHARS else "..." + text[-PROMPT_SHOWN_CHARS:]
 
     @torch.no_grad()
-    def rows(self, model, step: int) -> list[dict[str, Any]]:
+    def rows(self, model, step: int, in_step: bool = False) -> list[dict[str, Any]]:
         """One row per prompt: step, sample index, prompt, reply and the reply's repeated-n-gram rate.
 
         The prompts go through `generate` together, left-padded, so each new token costs one
         forward for all of them (on a CPU, where every forward dequantizes the NF4 weights, most of the cost).
+        `in_step`: every process of an FSDP run calls this with the same prompts; `generate` keeps them
+        running forwards together until all are done (`synced_gpus`).
         """
         started = time.perf_counter()
         was_training = model.training
@@ -98,7 +100,8 @@ class SampleReplies:
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in self.prompts], device=device)
         out = model.generate(input_ids=inputs, attention_mask=mask, do_sample=False, max_new_tokens=self.max_new_tokens,
                              pad_token_id=pad, temperature=None, top_p=None, top_k=None,
-                             use_cache=True)  # training turns the cache off in the model config
+                             use_cache=True,  # training turns the cache off in the model config
+                             synced_gpus=in_step)
         stop_ids = {i for i in (self.tokenizer.eos_token_id, pad) if i is not None}
         rows = []
         for index, ids in enumerate(self.prompts):
