@@ -5,10 +5,13 @@ the sharded loader gives each process half of the parameters and the LoRA weight
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -227,3 +230,28 @@ def test_the_shipped_accelerate_configurations_read_as_accelerate_reads_them(nam
                "FSDP_OFFLOAD_PARAMS": str(config.fsdp_config["fsdp_offload_params"]).lower(),
                "FSDP_RESHARD_AFTER_FORWARD": str(config.fsdp_config["fsdp_reshard_after_forward"]).lower()}
         assert launch_settings(env) == LaunchSettings(2, True, name == "fsdp2-offload.yaml", True)
+
+
+def test_sigterm_to_one_fsdp_process_stops_both_after_the_same_step_with_one_checkpoint(chat_model, tmp_path):
+    model, data = chat_model
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
+               "--num_processes", "2", "-m", "qlora_kit.recipes.chat", "--model_name_or_path", str(model),
+               "--dataset_name", str(data), "--output_dir", str(out), *RUN, "--per_device_train_batch_size", "2",
+               "--max_steps", "1000", "--save_steps", "1000", "--eval_steps", "1000"]
+    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 600
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+        assert launcher.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.5)
+    workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "qlora_kit.recipes.chat" in p.cmdline()
+               and p.environ().get("RANK") is not None]
+    next(p for p in workers if p.environ().get("RANK") == "1").send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=600)
+
+    checkpoints = [p.name for p in (out / "checkpoints").iterdir()]
+    assert len(checkpoints) == 1, checkpoints  # written once, with the states gathered from both
+    stopped_at = int(checkpoints[0].removeprefix("step-"))
+    assert stderr.count(f"stopped by SIGTERM after step {stopped_at}") == 2, stderr[-3000:]  # both, the same step
+    assert max(step_losses(out)) == stopped_at
+    assert load_file(out / "checkpoints" / checkpoints[0] / "adapter_model.safetensors")  # whole, readable
