@@ -19,6 +19,9 @@ from safetensors.torch import load_file
 from qlora_kit.config import parse
 from qlora_kit.errors import UserError
 from qlora_kit.launch import LaunchSettings
+from qlora_kit.memory.budget import PlanSettings
+from qlora_kit.memory.plan import plan_memory
+from qlora_kit.memory.shapes import model_shape
 from qlora_kit.model.shard import refuse_unshardable
 from qlora_kit.bench.resilience import step_losses
 from tiny_models import save_tiny_model, tiny_chat_tokenizer
@@ -134,8 +137,10 @@ from transformers import set_seed
 from qlora_kit.config import parse
 from qlora_kit.launch import launch_settings
 from qlora_kit.model.lora import add_lora, enable_gradient_checkpointing
+from qlora_kit.model.bnb_cpu import four_bit_layers
 from qlora_kit.model.shard import load_sharded, parameter_bytes, trainable_tensors
 from qlora_kit.model.stream_load import load_model
+from qlora_kit.model.targets import find_decoder_blocks
 
 torch.distributed.init_process_group("gloo")
 model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -147,6 +152,18 @@ set_seed(config.train.seed)
 sharded = load_sharded(model_dir, config, torch.float32, torch.float32, cpu, launch_settings())
 first = [{k: v.detach().clone() for k, v in trainable_tensors(m).items()} for m in (plain, sharded)]
 held, whole = parameter_bytes(sharded)
+
+
+def local_bytes(parameters):
+    return sum(p.to_local().numel() * p.element_size() for p in parameters)
+
+
+blocks = find_decoder_blocks(sharded.base_model.model)[1]
+states = [layer.quant_state for layer in four_bit_layers(sharded)]
+state_tensors = [t for s in states for t in (s.absmax, s.code, s.offset, s.state2.absmax, s.state2.code)]
+measured = {"layers": local_bytes(p for p in blocks.parameters() if not p.requires_grad),
+            "lora": local_bytes(p for p in sharded.parameters() if p.requires_grad),
+            "states": sum(t.numel() * t.element_size() for t in state_tensors)}
 torch.manual_seed(0)
 ids = torch.randint(0, 500, (2, 24))
 losses = []
@@ -165,6 +182,7 @@ rank = torch.distributed.get_rank()
     "names_equal": first[0].keys() == first[1].keys(),
     "init_equal": all(torch.equal(first[0][k], first[1][k]) for k in first[0]),
     "held": held, "whole": whole, "plain_bytes": sum(p.numel() * p.element_size() for p in plain.parameters()),
+    "measured": measured,
     "losses": losses, "after_diff": max((after[0][k] - after[1][k]).abs().max().item() for k in after[0]),
 }))
 """
@@ -186,6 +204,13 @@ def test_the_sharded_loader_gives_each_process_half_and_the_lora_weights_one_pro
         assert found["held"] <= found["whole"] / 2 + 4096  # half of each, up to one padding row per tensor
         assert found["losses"][0] == pytest.approx(found["losses"][1], rel=1e-6)
         assert found["after_diff"] < 1e-6  # two AdamW steps later: the same weights
+        # The memory plan's FSDP rows for these settings, against this process's sharded tensors.
+        settings = PlanSettings(compute_dtype="float32", lora_dtype="float32", optim="adamw_torch", num_processes=2,
+                                fsdp=True)
+        rows = {row.name: row.bytes for row in plan_memory(model_shape(str(model)), settings, 2**34, 2**36).rows}
+        assert found["measured"] == {"layers": rows["decoder layers' parameters, 1/2 shard"],
+                                     "lora": rows["LoRA weights, 1/2 shard"],
+                                     "states": rows["NF4 quantization states, whole"]}
 
 
 @pytest.mark.parametrize("flag, value, says", [
