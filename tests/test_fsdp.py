@@ -280,3 +280,53 @@ def test_sigterm_to_one_fsdp_process_stops_both_after_the_same_step_with_one_che
     assert stderr.count(f"stopped by SIGTERM after step {stopped_at}") == 2, stderr[-3000:]  # both, the same step
     assert max(step_losses(out)) == stopped_at
     assert load_file(out / "checkpoints" / checkpoints[0] / "adapter_model.safetensors")  # whole, readable
+
+
+# Process 1 dies outright when the processes compare notes after step 2. The synthetic data's first
+# micro-batch leaves one process without a trained token, so the chunked-loss check must run its forwards anyway.
+DEATH_SCRIPT = """
+import os
+import sys
+from pathlib import Path
+import qlora_kit.train.loop as loop
+from qlora_kit.bench.resilience import PAD_ID, synthetic_dataset
+from qlora_kit.config import parse
+from qlora_kit.errors import exit_on_user_error
+from qlora_kit.launch import launch_settings
+from qlora_kit.model.shard import load_sharded
+import torch
+compare, steps = loop.signal_of_any_process, []
+
+
+def dies_after_step_2(accelerator, received):
+    steps.append(1)
+    if accelerator.process_index == 1 and len(steps) == 2:
+        os._exit(3)
+    return compare(accelerator, received)
+
+
+loop.signal_of_any_process = dies_after_step_2
+model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+config = parse(["--model_name_or_path", str(model_dir), "--optim", "adamw_torch", "--lora_dropout", "0",
+                "--output_dir", str(out), "--max_steps", "1000", "--save_steps", "1", "--per_device_train_batch_size", "2"])
+accelerator = loop.make_accelerator()
+model = load_sharded(model_dir, config, torch.float32, torch.float32, accelerator.device, launch_settings())
+out.mkdir(parents=True, exist_ok=True)  # both processes run this
+exit_on_user_error(loop.train)(model, synthetic_dataset(13, 32, 500), None, config.train, accelerator, out, PAD_ID)
+"""
+
+
+def test_an_fsdp_process_that_dies_makes_the_other_stop_with_one_line(chat_model, tmp_path):
+    model, _ = chat_model
+    script, out = tmp_path / "dies.py", tmp_path / "run"
+    script.write_text(DEATH_SCRIPT)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
+               "--num_processes", "2", str(script), str(model), str(out)]
+    started = time.time()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode != 0 and time.time() - started < 300  # no hang in the dead process's collective
+    newest = out / "checkpoints" / "step-1"
+    line = (f"error: process 0 of 2: another process of this run died after step 2 (its own error is above); "
+            f"stopping too. The newest checkpoint is {newest}: resume with --resume_from_checkpoint {newest}.")
+    assert line in result.stderr.splitlines(), result.stderr[-3000:]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]

@@ -239,18 +239,24 @@ def check_chunked_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> Opti
     chunk_size = _chunk_size_for(model, None)
     if chunk_size == 0 or _plain_reason(model) is not None:
         return None
+    from torch.distributed.fsdp import FSDPModule
+
     part = _check_slice(batch)
     tokens = int(count_trained_tokens(part["labels"]))
-    if tokens == 0:
+    in_step = isinstance(model, FSDPModule)  # its forwards gather the weights of every process: all run them
+    if tokens == 0 and not in_step:
         return None
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            chunked = float(batch_loss_sum(model, part, chunk_size)) / tokens
+            chunked_sum = float(batch_loss_sum(model, part, chunk_size))
             own = float(model(**model_inputs(part, attention_implementation(model)), labels=part["labels"]).loss)
     finally:
         model.train(was_training)
+    if tokens == 0:
+        return None
+    chunked = chunked_sum / tokens
     if not abs(chunked - own) <= CHECK_ATOL + CHECK_RTOL * abs(own):
         family = family_of(causal_lm(model))
         raise UserError(f"the chunked loss of {family.name} ({chunked:.4f} per token) differs from the model's own "
