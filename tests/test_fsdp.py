@@ -330,3 +330,9 @@ def test_an_fsdp_process_that_dies_makes_the_other_stop_with_one_line(chat_model
             f"stopping too. The newest checkpoint is {newest}: resume with --resume_from_checkpoint {newest}.")
     assert line in result.stderr.splitlines(), result.stderr[-3000:]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]
+
+
+def test_a_torch_without_public_fsdp2_is_refused(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cu124")
+    with pytest.raises(UserError, match="torch 2.5.1.* install torch 2.6 or newer"):
+        refuse_unshardable(parse(["--optim", "adamw_torch"]), LaunchSettings(num_processes=2, fsdp=True))

@@ -53,6 +53,9 @@ BNB_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit")
 def refuse_unshardable(config: RunConfig, launch: LaunchSettings) -> None:
     """Refuse, before anything loads, the settings an FSDP launch cannot run, each with what to do instead."""
     fsdp = "with an FSDP launch (recipes/accelerate/fsdp2.yaml)"
+    if tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 6):
+        raise UserError(f"torch {torch.__version__} has no public FSDP2 (`torch.distributed.fsdp.fully_shard`), which "
+                        f"qlora_kit shards with: install torch 2.6 or newer to run {fsdp}")
     if config.train.optim in BNB_OPTIMIZERS:
         raise UserError(f"--optim {config.train.optim} does not run {fsdp}: bitsandbytes' optimizers cannot update "
                         f"sharded parameters; pass --optim adamw_torch (its states are sharded too)")
