@@ -164,8 +164,8 @@ def _sharder(device: torch.device, launch: LaunchSettings):
 
     def shard(module: nn.Module, root: bool = False) -> None:
         # The root (embeddings, final norm, lm_head) stays gathered from its forward to its backward, as
-        # torch chooses for a root: the loss uses lm_head after the forward (train/loss.py).
-        fully_shard(module, mesh=mesh, reshard_after_forward=None if root else launch.reshard_after_forward,
+        # torch's default for a root does: the loss uses lm_head after the forward (train/loss.py).
+        fully_shard(module, mesh=mesh, reshard_after_forward=False if root else launch.reshard_after_forward,
                     offload_policy=offload)
 
     return shard
