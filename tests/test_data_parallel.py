@@ -154,27 +154,16 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step_with_one_checkpoi
 
 # Process 1 dies outright (no handler runs) when the processes compare notes after step 2.
 DEATH_SCRIPT = """
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 import torch
-import qlora_kit.train.loop as loop
 from qlora_kit.errors import exit_on_user_error
 from qlora_kit.bench.resilience import synthetic_dataset, train_once
 sys.path.insert(0, sys.argv[3])
+from dying_process import die_after_step_2
 from test_data_parallel import ARGS, EXAMPLES, LENGTH, LORA, VOCAB
-compare, steps = loop.signal_of_any_process, []
-
-
-def dies_after_step_2(accelerator, received):
-    steps.append(1)
-    if accelerator.process_index == 1 and len(steps) == 2:
-        os._exit(3)
-    return compare(accelerator, received)
-
-
-loop.signal_of_any_process = dies_after_step_2
+die_after_step_2()
 args = replace(ARGS, output_dir=sys.argv[2], per_device_train_batch_size=2, max_steps=1000, save_steps=1)
 exit_on_user_error(train_once)(Path(sys.argv[1]), synthetic_dataset(EXAMPLES, LENGTH, VOCAB), args, LORA,
                                torch.device("cpu"))

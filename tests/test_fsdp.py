@@ -285,7 +285,6 @@ def test_sigterm_to_one_fsdp_process_stops_both_after_the_same_step_with_one_che
 # Process 1 dies outright when the processes compare notes after step 2. The synthetic data's first
 # micro-batch leaves one process without a trained token, so the chunked-loss check must run its forwards anyway.
 DEATH_SCRIPT = """
-import os
 import sys
 from pathlib import Path
 import qlora_kit.train.loop as loop
@@ -295,17 +294,9 @@ from qlora_kit.errors import exit_on_user_error
 from qlora_kit.launch import launch_settings
 from qlora_kit.model.shard import load_sharded
 import torch
-compare, steps = loop.signal_of_any_process, []
-
-
-def dies_after_step_2(accelerator, received):
-    steps.append(1)
-    if accelerator.process_index == 1 and len(steps) == 2:
-        os._exit(3)
-    return compare(accelerator, received)
-
-
-loop.signal_of_any_process = dies_after_step_2
+sys.path.insert(0, sys.argv[3])
+from dying_process import die_after_step_2
+die_after_step_2()
 model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
 config = parse(["--model_name_or_path", str(model_dir), "--optim", "adamw_torch", "--lora_dropout", "0",
                 "--output_dir", str(out), "--max_steps", "1000", "--save_steps", "1", "--per_device_train_batch_size", "2"])
@@ -321,7 +312,7 @@ def test_an_fsdp_process_that_dies_makes_the_other_stop_with_one_line(chat_model
     script, out = tmp_path / "dies.py", tmp_path / "run"
     script.write_text(DEATH_SCRIPT)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
-               "--num_processes", "2", str(script), str(model), str(out)]
+               "--num_processes", "2", str(script), str(model), str(out), str(Path(__file__).parent)]
     started = time.time()
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode != 0 and time.time() - started < 300  # no hang in the dead process's collective
