@@ -327,3 +327,16 @@ def test_a_torch_without_public_fsdp2_is_refused(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.5.1+cu124")
     with pytest.raises(UserError, match="torch 2.5.1.* install torch 2.6 or newer"):
         refuse_unshardable(parse(["--optim", "adamw_torch"]), LaunchSettings(num_processes=2, fsdp=True))
+
+
+def test_two_sharded_processes_together_peak_below_one_normal_load():
+    """A random ~0.1B Llama in shards (0.25 GB in bf16), loaded in fresh processes (qlora_kit/bench/fsdp_load.py):
+    no process holds the whole model, so two of them together need less host RAM than the normal loader alone."""
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "measure_fsdp_load.py"), "--layers", "2",
+                             "--vocab", "8192"], capture_output=True, text=True, timeout=900, env=ENV, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(result.stdout[result.stdout.index("{"):])
+    plain, sharded = measured["plain_one_process"], measured["sharded_per_process"]
+    assert len(sharded) == 2
+    assert all(p["held_parameter_bytes"] * 2 == plain["held_parameter_bytes"] for p in sharded)
+    assert sum(p["peak_rss_growth_bytes"] for p in sharded) < plain["peak_rss_growth_bytes"], measured
