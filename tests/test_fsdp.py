@@ -88,10 +88,16 @@ def fsdp_run(chat_model, tmp_path_factory) -> tuple[Path, subprocess.CompletedPr
     return out, recipe(model, data, out, "--per_device_train_batch_size", "2", processes=2)
 
 
-def test_two_fsdp_processes_train_as_one_process_with_twice_the_batch(chat_model, fsdp_run, tmp_path):
+@pytest.fixture(scope="module")
+def one_process_run(chat_model, tmp_path_factory) -> Path:
     model, data = chat_model
-    one = tmp_path / "one"
-    recipe(model, data, one, "--per_device_train_batch_size", "4")
+    out = tmp_path_factory.mktemp("one-process") / "one"
+    recipe(model, data, out, "--per_device_train_batch_size", "4")
+    return out
+
+
+def test_two_fsdp_processes_train_as_one_process_with_twice_the_batch(one_process_run, fsdp_run):
+    one = one_process_run
     two, result = fsdp_run
 
     assert "FSDP2 over 2 processes" in result.stderr
@@ -113,6 +119,16 @@ def test_two_fsdp_processes_train_as_one_process_with_twice_the_batch(chat_model
     assert json.loads((one / "adapter_config.json").read_text()) == json.loads((two / "adapter_config.json").read_text())
     adapter = load_file(two / "adapter_model.safetensors")
     assert any("lora_B" in name and value.abs().sum() > 0 for name, value in adapter.items())  # trained
+
+
+def test_fsdp_with_one_process_is_the_plain_run(chat_model, one_process_run, tmp_path):
+    model, data = chat_model
+    solo = tmp_path / "solo"
+    result = recipe(model, data, solo, "--per_device_train_batch_size", "4", processes=0)
+    assert "FSDP2 over 1 process:" in result.stderr
+    assert step_losses(solo) == step_losses(one_process_run)  # bit for bit: the same sums in the same order
+    assert eval_losses(solo) == eval_losses(one_process_run)
+    assert_close_files(one_process_run, solo, "adapter_model.safetensors", exact=True)
 
 
 def test_a_two_process_fsdp_run_resumes_exactly(chat_model, fsdp_run, tmp_path):
