@@ -35,10 +35,12 @@ class LaunchSettings:
     reshard_after_forward: bool = True
 
     def describe(self) -> str:
+        """One phrase for run_config.yaml, e.g. '2 processes, FSDP2-sharded'."""
+        processes = f"{self.num_processes} process" + ("es" if self.num_processes != 1 else "")
         if not self.fsdp:
-            return f"{self.num_processes} process(es), data parallel" if self.num_processes > 1 else "1 process"
+            return f"{processes}, data parallel" if self.num_processes > 1 else processes
         extra = ", parameters offloaded to host RAM" if self.offload_params else ""
-        return f"{self.num_processes} process(es), FSDP2-sharded{extra}"
+        return f"{processes}, FSDP2-sharded{extra}"
 
 
 def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:

@@ -135,6 +135,7 @@ def run(config: RunConfig) -> Optional[RunResult]:
         "quantization": {"quant_type": "nf4", "double_quant": config.model.bnb_4bit_use_double_quant},
         "total_steps": total_optimizer_steps(len(train_data), config.train, accelerator.num_processes),
         "device": str(accelerator.device),
+        "launch": launch.describe(),
         "memory_plan": plan and {k: v for k, v in plan.to_dict().items() if k != "rows"},
         "data": vars(data_report),
         "qlora_kit_version": qlora_kit.__version__,

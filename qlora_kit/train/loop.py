@@ -355,7 +355,7 @@ def train(
                                 tok_s=f"{row['tokens_per_second']:.0f}")
                 if "skipped_steps" in row:
                     tell(f"step {state.step}: {row['skipped_steps']} step(s) with a non-finite loss or "
-                              f"gradient norm skipped")
+                         f"gradient norm skipped")
 
             at_eval = bool(args.eval_steps and state.step % args.eval_steps == 0) or at_end
             state.eval_loss = None
