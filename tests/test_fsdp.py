@@ -149,7 +149,9 @@ import json
 import os
 import sys
 from pathlib import Path
+import bitsandbytes.nn.modules
 import torch
+bitsandbytes.nn.modules.has_avx512bf16 = lambda: sys.argv[3] == "True"  # both sides of bitsandbytes' CPU repack
 from transformers import set_seed
 from qlora_kit.config import parse
 from qlora_kit.launch import launch_settings
@@ -205,12 +207,14 @@ rank = torch.distributed.get_rank()
 """
 
 
-def test_the_sharded_loader_gives_each_process_half_and_the_lora_weights_one_process_draws(chat_model, tmp_path):
+@pytest.mark.parametrize("avx512bf16", [True, False])
+def test_the_sharded_loader_gives_each_process_half_and_the_lora_weights_one_process_draws(chat_model, tmp_path,
+                                                                                           avx512bf16):
     model, _ = chat_model
     script = tmp_path / "load.py"
     script.write_text(LOADER_SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(model),
-               str(tmp_path)]
+               str(tmp_path), str(avx512bf16)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**ENV, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
     assert result.returncode == 0, result.stderr[-4000:]

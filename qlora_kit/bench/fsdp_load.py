@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from qlora_kit.bench.stream_load import _status, write_random_model
+from qlora_kit.bench.stream_load import _status, add_shape_arguments, write_random_model
 
 
 def _load(folder: Path, sharded: bool) -> dict:
@@ -73,13 +73,7 @@ def measure(folder: Path, processes: int, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=5632)
-    parser.add_argument("--layers", type=int, default=22)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv_heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--shard_layers", type=int, default=4, help="decoder layers per checkpoint shard")
+    add_shape_arguments(parser, shard_layers=4)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)

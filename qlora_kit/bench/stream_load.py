@@ -124,15 +124,20 @@ def _child(folder: Path, dtype: str, cache: Path | None = None) -> dict:
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_shape_arguments(parser: argparse.ArgumentParser, shard_layers: int) -> None:
+    """The random model's shape (TinyLlama's by default) and how many decoder layers each shard holds."""
     parser.add_argument("--layers", type=int, default=22)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=5632)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv_heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--shard_layers", type=int, default=2, help="decoder layers per safetensors shard")
+    parser.add_argument("--shard_layers", type=int, default=shard_layers, help="decoder layers per safetensors shard")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_shape_arguments(parser, shard_layers=2)
     parser.add_argument("--dtype", default="float32", help="compute dtype of the load (float32 on CPU)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--cache", action="store_true",

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from qlora_kit.errors import UserError
+from qlora_kit.launch import LaunchSettings
 
 from qlora_kit.memory import activations as act
 from qlora_kit.memory.budget import (PlanSettings, WeightBytes, adapted_linears, lora_tensor_numels,
@@ -193,7 +194,7 @@ def _sharded_rows(shape: ModelShape, s: PlanSettings) -> list[BudgetRow]:
     lora_layers, lora_outside = _lora_bytes_by_layer(shape, s)
     linears = adapted_linears(shape, s.lora_target_modules)
     numels = lora_tensor_numels(linears, s.lora_r, s.use_dora)
-    lora = sum(numels) * s.lora_bytes
+    lora = sum(lora_layers) + lora_outside
     root = _root_bytes(weights)
 
     def shard(name: str, total: int, how: str) -> BudgetRow:
@@ -403,10 +404,7 @@ def describe_launch(plan: MemoryPlan) -> str:
     """The processes the plan is for, such as 'per GPU, 2 processes, FSDP2-sharded'; '' for one plain process."""
     if plan.num_processes == 1 and not plan.fsdp:
         return ""
-    processes = f"{plan.num_processes} process{'es' if plan.num_processes > 1 else ''}"
-    if not plan.fsdp:
-        return f"per GPU, {processes}, data parallel"
-    return f"per GPU, {processes}, FSDP2-sharded{', parameters offloaded to host RAM' if plan.fsdp_offload_params else ''}"
+    return "per GPU, " + LaunchSettings(plan.num_processes, plan.fsdp, plan.fsdp_offload_params).describe()
 
 
 def explain(plan: MemoryPlan, shape: ModelShape, refused: Sequence[str] = (), memory_fits: Optional[bool] = None) -> str:

@@ -42,13 +42,11 @@ from qlora_kit.errors import UserError
 from qlora_kit.io.safetensors import read_header, read_tensors
 from qlora_kit.launch import LaunchSettings
 from qlora_kit.log import logger, notice_once
+from qlora_kit.memory.plan import FSDP_OPTIM
 from qlora_kit.model.bnb_cpu import four_bit_layers
 from qlora_kit.model.lora import add_lora, enable_gradient_checkpointing
 from qlora_kit.model.stream_load import Placement, TensorPlacer, build_empty_model, checkpoint_shards
 from qlora_kit.model.targets import find_decoder_blocks
-
-BNB_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit")
-
 
 def refuse_unshardable(config: RunConfig, launch: LaunchSettings) -> None:
     """Refuse, before anything loads, the settings an FSDP launch cannot run, each with what to do instead."""
@@ -56,9 +54,9 @@ def refuse_unshardable(config: RunConfig, launch: LaunchSettings) -> None:
     if tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 6):
         raise UserError(f"torch {torch.__version__} has no public FSDP2 (`torch.distributed.fsdp.fully_shard`), which "
                         f"qlora_kit shards with: install torch 2.6 or newer to run {fsdp}")
-    if config.train.optim in BNB_OPTIMIZERS:
+    if config.train.optim != FSDP_OPTIM:
         raise UserError(f"--optim {config.train.optim} does not run {fsdp}: bitsandbytes' optimizers cannot update "
-                        f"sharded parameters; pass --optim adamw_torch (its states are sharded too)")
+                        f"sharded parameters; pass --optim {FSDP_OPTIM} (its states are sharded too)")
     if config.lora.use_dora:
         raise UserError(f"--use_dora does not run {fsdp}: DoRA's magnitudes are computed from the whole base "
                         f"weights at setup, which no process holds; train without it, or with data parallel")

@@ -331,13 +331,14 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, rank: int = 0) ->
 
     adapter = load_file(folder / "adapter_model.safetensors")
     check_adapter_fits(folder, model, adapter)
-    if is_sharded(model):
+    sharded = is_sharded(model)
+    if sharded:
         load_trainable(model, {model_name: adapter[saved_name] for saved_name, model_name in saved_names(model).items()})
-        load_optimizer(optimizer, folder)
-        split_optimizer_state(optimizer)
     else:
         set_peft_model_state_dict(model, adapter)
-        load_optimizer(optimizer, folder)
+    load_optimizer(optimizer, folder)
+    if sharded:
+        split_optimizer_state(optimizer)
     scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
     load_rng_state(folder, rank)
     return TrainState.from_json((folder / STATE_FILE).read_text())

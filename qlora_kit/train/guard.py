@@ -114,6 +114,8 @@ class NonfiniteGuard:
         self._read_skipped = 0
         self._python_step_counts = False
         self.last = GuardReport(0, 0, 0, 0, False)  # as of the latest read()
+        # FSDP's parameters (DTensors): each process sees only its share of an update
+        self.sharded = any(hasattr(p, "to_local") for group in optimizer.param_groups for p in group["params"])
         if self.enabled:
             self._attach(optimizer)
 
@@ -166,9 +168,8 @@ class NonfiniteGuard:
         if not self.enabled:
             return
         if not self._python_step_counts:  # torch's AdamW: judge the applied update now (it cannot be undone)
-            tensors = self._optimizer_tensors()
-            finite = all_finite(tensors)
-            if any(hasattr(t, "to_local") for t in tensors):  # sharded: every process judges the whole update
+            finite = all_finite(self._optimizer_tensors())
+            if self.sharded:  # every process judges the whole update
                 finite = every_process(finite.to(self.apply.device))
             self.update_finite.copy_(finite | ~self.apply)
         bad = (~(self.apply & self.update_finite)).long()
