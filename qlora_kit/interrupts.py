@@ -52,6 +52,7 @@ class _State:
     stage: str = "starting"
     advice: str = "nothing was written: run the same command to start again"
     watchdog: Optional[threading.Timer] = None
+    final_line = threading.Lock()  # held by whichever of the main thread and the watchdog reports the stop
 
 
 def stage(description: str, advice: Optional[str] = None) -> None:
@@ -88,8 +89,8 @@ def _handle(signum: int, frame) -> None:
 def _exit_now(signum: int, why: str) -> None:
     """End the children and the process at once, without unwinding."""
     stop_children()
-    _say(f"stopped by {signal.Signals(_State.received or signum).name} while {_State.stage} ({why}: "
-         f"exited at once); {_State.advice}")
+    _say_final(f"stopped by {signal.Signals(_State.received or signum).name} while {_State.stage} ({why}: "
+               f"exited at once); {_State.advice}")
     os._exit(128 + (_State.received or signum))
 
 
@@ -99,7 +100,7 @@ def handled() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread() or _State.owner_pid == os.getpid():
         yield
         return
-    _State.owner_pid, _State.received = os.getpid(), None
+    _State.owner_pid, _State.received, _State.final_line = os.getpid(), None, threading.Lock()
     stage("starting", "nothing was written: run the same command to start again")
     previous = {signum: signal.signal(signum, _handle) for signum in SIGNALS}
     try:
@@ -141,8 +142,15 @@ def exit_interrupted(signum: int) -> NoReturn:
     if _State.watchdog is not None:
         _State.watchdog.cancel()
     stop_children()
-    _say(f"stopped by {signal.Signals(signum).name} while {_State.stage}; {_State.advice}")
+    _say_final(f"stopped by {signal.Signals(signum).name} while {_State.stage}; {_State.advice}")
     sys.exit(128 + signum)
+
+
+def _say_final(message: str) -> None:
+    """The stop's one line. The watchdog can fire while the main thread is already ending the process
+    (an unwinding that took just over the limit): whichever comes first says it, the other nothing."""
+    if _State.final_line.acquire(blocking=False):
+        _say(message)
 
 
 def _say(message: str) -> None:
